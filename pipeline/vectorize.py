@@ -1,0 +1,135 @@
+"""Text -> token ids: a `TextVectorization` adapted on training text only, applied in tf.data.
+
+Sequences stay ragged until batching, so batches are padded to their own longest
+review (and, with bucketing, reviews of similar length share a batch) instead of
+every review being padded to `max_length`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from pipeline.config import TrainConfig, VectorizeConfig
+
+PAD, OOV = 0, 1  # TextVectorization's reserved ids
+
+
+def standardize(text: tf.Tensor) -> tf.Tensor:
+    """Lowercase, drop IMDB's `<br />` breaks and punctuation; tolerate invalid UTF-8."""
+    # Invalid bytes would make the regex ops fail at serving time; replace them instead.
+    text = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace")
+    text = tf.strings.lower(text, encoding="utf-8")
+    text = tf.strings.regex_replace(text, r"<br\s*/?>", " ")
+    text = tf.strings.regex_replace(text, r"'", "")  # don't -> dont, one token
+    return tf.strings.regex_replace(text, r"[[:punct:]]", " ")
+
+
+def make_vectorizer(cfg: VectorizeConfig, vocabulary: list[str] | None = None
+                    ) -> keras.layers.TextVectorization:
+    """A ragged-output vectorizer; pass `vocabulary` to rebuild a saved one."""
+    return keras.layers.TextVectorization(
+        max_tokens=cfg.max_tokens,
+        standardize=standardize,
+        output_mode="int",
+        ragged=True,
+        vocabulary=vocabulary,
+        name="vectorizer",
+    )
+
+
+def adapt_vectorizer(cfg: VectorizeConfig, raw_train: tf.data.Dataset
+                     ) -> keras.layers.TextVectorization:
+    """Build the vocabulary from training reviews only (validation and test never seen)."""
+    vectorizer = make_vectorizer(cfg)
+    texts = raw_train.map(lambda text, _: text).batch(cfg.adapt_batch_size)
+    vectorizer.adapt(texts)
+    return vectorizer
+
+
+def prepare_ids(ids: tf.RaggedTensor, max_length: int) -> tf.RaggedTensor:
+    """Truncate each row to `max_length` and give empty rows one OOV token.
+
+    A review that vectorizes to nothing would be a fully masked row, which the
+    cuDNN LSTM kernel rejects; one OOV token is the honest "unknown" input.
+    """
+    ids = ids[:, :max_length]
+    empty = tf.equal(ids.row_lengths(), 0)
+    n_empty = tf.reduce_sum(tf.cast(empty, tf.int64))
+    filler = tf.RaggedTensor.from_row_lengths(
+        tf.fill([n_empty], tf.constant(OOV, ids.dtype)), tf.cast(empty, tf.int64))
+    return tf.concat([filler, ids], axis=1)
+
+
+def texts_to_padded_ids(vectorizer: keras.layers.TextVectorization, texts: tf.Tensor,
+                        max_length: int) -> tf.Tensor:
+    """Raw strings [batch] -> right-padded int64 ids [batch, longest-in-batch]."""
+    return prepare_ids(vectorizer(texts), max_length).to_tensor(default_value=PAD)
+
+
+def save_vocabulary(vectorizer: keras.layers.TextVectorization, path: Path) -> None:
+    # Ids 0 and 1 are implied by TextVectorization; store only real tokens, one per line.
+    vocab = vectorizer.get_vocabulary(include_special_tokens=False)
+    path.write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
+
+
+def load_vocabulary(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def bucket_boundaries(max_length: int) -> list[int]:
+    """Length edges that grow ~1.5x, so padding wastes at most about a third of a batch."""
+    edges, edge = [], 16
+    while edge < max_length:
+        edges.append(edge)
+        edge = int(edge * 1.5)
+    return edges
+
+
+def vectorize_split(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
+                    vcfg: VectorizeConfig, tcfg: TrainConfig, batch_size: int,
+                    shuffle_seed: int | None = None, replicas: int = 1) -> tf.data.Dataset:
+    """(text, label) -> batches of (padded ids, label): vectorized once, cached, bucketed.
+
+    `shuffle_seed` set means a training split: reshuffled each epoch after the cache.
+    `replicas` > 1 trims each batch to a multiple of it (see `even_batches`).
+    """
+    autotune = tf.data.AUTOTUNE
+    ds = (
+        raw.batch(vcfg.adapt_batch_size)
+        .map(lambda t, y: (prepare_ids(vectorizer(t), vcfg.max_length), y),
+             num_parallel_calls=autotune)
+        .unbatch()
+        .map(lambda ids, y: (ids, y))  # unbatched rows are ragged-rank-0 specs; make them Tensors
+        .cache()  # tokenization happens once, not every epoch
+    )
+    if shuffle_seed is not None:
+        ds = ds.shuffle(tcfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    if tcfg.bucket_by_length:
+        edges = bucket_boundaries(vcfg.max_length)
+        ds = ds.bucket_by_sequence_length(
+            element_length_func=lambda ids, _: tf.shape(ids)[0],
+            bucket_boundaries=edges,
+            bucket_batch_sizes=[batch_size] * (len(edges) + 1),
+        )
+    else:
+        ds = ds.padded_batch(batch_size)
+    if replicas > 1:
+        ds = even_batches(ds, replicas)
+    return ds.prefetch(autotune)
+
+
+def even_batches(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
+    """Trim each batch to a multiple of `replicas`, dropping batches smaller than that.
+
+    Keras under MirroredStrategy fails (AddN shape mismatch) when a masked batch
+    splits unevenly across replicas. At most replicas-1 examples per bucket are
+    skipped an epoch, and a different few each epoch since training data is reshuffled.
+    """
+    def trim(ids, y):
+        n = tf.shape(y)[0] // replicas * replicas
+        return ids[:n], y[:n]
+
+    return ds.map(trim).filter(lambda _, y: tf.shape(y)[0] > 0)

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny generated data, a tiny config, one trained run reused by several tests."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.pop("TF_CONFIG", None)
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPUs so MirroredStrategy can be tested without GPUs; must precede TF's init.
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+from pipeline.config import Config, load_config  # noqa: E402
+
+POSITIVE = "great wonderful excellent superb moving brilliant loved beautiful".split()
+NEGATIVE = "awful terrible boring dull waste poor hated ugly".split()
+NEUTRAL = "the movie film plot actor scene story was and it this a".split()
+
+
+def make_review(rng: random.Random, label: int) -> str:
+    words = POSITIVE if label else NEGATIVE
+    body = [rng.choice(words if rng.random() < 0.4 else NEUTRAL) for _ in range(rng.randint(5, 40))]
+    return " ".join(body).capitalize() + ".<br /><br />" + rng.choice(words).upper() + "!"
+
+
+def write_aclimdb(root: Path, n_train: int = 120, n_test: int = 40, seed: int = 0) -> Path:
+    """An aclImdb-style folder: {train,test}/{pos,neg}/<id>_<stars>.txt."""
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, cls in enumerate(("neg", "pos")):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n // 2):
+                (folder / f"{i}_{8 if label else 2}.txt").write_text(make_review(rng, label))
+    return root
+
+
+@pytest.fixture(scope="session")
+def imdb_dir(tmp_path_factory) -> Path:
+    return write_aclimdb(tmp_path_factory.mktemp("aclImdb"))
+
+
+def tiny_overrides(imdb: Path, out: Path) -> list[str]:
+    return [
+        "name=tiny",
+        f"runs_dir={out / 'runs'}",
+        f"export.dir={out / 'saved_models'}",
+        "data.source=directory",
+        f"data.directory={imdb}",
+        "data.validation_fraction=0.25",
+        "vectorize.max_tokens=100",
+        "vectorize.max_length=32",
+        "model.embedding_dim=8",
+        "model.lstm_units=8",
+        "model.dropout=0.0",
+        "model.learning_rate=0.01",
+        "train.epochs=4",
+        "train.batch_size=16",
+        "train.verbose=0",
+        "train.early_stopping_patience=4",
+        f"tune.directory={out / 'tuning'}",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(imdb_dir, tmp_path) -> Config:
+    return load_config(None, tiny_overrides(imdb_dir, tmp_path))
+
+
+@pytest.fixture(scope="session")
+def trained_run(imdb_dir, tmp_path_factory):
+    """One finished tiny run (trained and exported), shared by the export tests."""
+    from pipeline.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = load_config(None, tiny_overrides(imdb_dir, out))
+    return cfg, train(cfg)

@@ -1,0 +1,70 @@
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError, check_nonempty, load_raw
+
+
+def _texts(ds):
+    return [t for t, _ in ds.as_numpy_iterator()]
+
+
+def test_tfds_source_with_mock_data():
+    with tfds.testing.mock_data(num_examples=24):
+        splits = load_raw(DataConfig(max_train_examples=10), seed=0)
+        assert check_nonempty(splits)["train"] == 10
+        text, label = next(iter(splits.train))
+    assert text.dtype == tf.string and label.dtype == tf.int64
+
+
+def test_tfds_missing_says_how_to_fix(tmp_path):
+    with pytest.raises(DataError, match="TFDS_DATA_DIR"):
+        load_raw(DataConfig(data_dir=str(tmp_path)), seed=0)
+
+
+def test_directory_source_carves_validation_deterministically(imdb_dir):
+    cfg = DataConfig(source="directory", directory=str(imdb_dir), validation_fraction=0.25)
+    a, b = load_raw(cfg, seed=3), load_raw(cfg, seed=3)
+    sizes = check_nonempty(a)
+    assert sizes == {"train": 90, "validation": 30, "test": 40}
+    assert _texts(a.validation) == _texts(b.validation)
+    assert not set(_texts(a.train)) & set(_texts(a.validation))
+    labels = [int(y) for _, y in a.train.as_numpy_iterator()]
+    assert set(labels) == {0, 1}  # shuffled before carving, so both classes are in train
+
+
+def test_directory_caps(imdb_dir):
+    cfg = DataConfig(source="directory", directory=str(imdb_dir), max_train_examples=7,
+                     max_eval_examples=5)
+    assert check_nonempty(load_raw(cfg, seed=0)) == {"train": 7, "validation": 5, "test": 5}
+
+
+def test_directory_without_pos_neg(tmp_path):
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="pos"):
+        load_raw(DataConfig(source="directory", directory=str(tmp_path)), seed=0)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_raw(DataConfig(source="directory", directory=str(tmp_path / "nope")), seed=0)
+
+
+def test_empty_split_is_named(imdb_dir, tmp_path):
+    for split in ("train", "test"):
+        for cls in ("pos", "neg"):
+            (tmp_path / split / cls).mkdir(parents=True)
+    (tmp_path / "train" / "pos" / "0_9.txt").write_text("fine")
+    (tmp_path / "test" / "neg" / "0_1.txt").write_text("bad")
+    splits = load_raw(DataConfig(source="directory", directory=str(tmp_path)), seed=0)
+    with pytest.raises(DataError, match="validation split is empty"):
+        check_nonempty(splits)
+
+
+def test_class_folders_without_reviews(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("pos", "neg"):
+            (tmp_path / split / cls).mkdir(parents=True)
+    with pytest.raises(DataError, match="no .txt files"):
+        load_raw(DataConfig(source="directory", directory=str(tmp_path)), seed=0)

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from pipeline.model import MaskedMaxPooling1D, build_model
+
+
+@pytest.mark.parametrize("pooling,bidirectional,layers", [("last", True, 1), ("max", False, 2),
+                                                          ("mean", True, 2)])
+def test_build_and_predict_shapes(pooling, bidirectional, layers):
+    model = build_model(50, embedding_dim=4, lstm_units=3, pooling=pooling,
+                        bidirectional=bidirectional, num_layers=layers)
+    out = model.predict(np.array([[2, 3, 4, 0], [5, 0, 0, 0]]), verbose=0)
+    assert out.shape == (2, 1) and np.all((out >= 0) & (out <= 1))
+
+
+def test_one_training_step_changes_weights_and_lowers_loss():
+    rng = np.random.default_rng(0)
+    x = rng.integers(2, 50, size=(32, 12))
+    y = (x[:, 0] > 25).astype("float32")
+    model = build_model(50, embedding_dim=8, lstm_units=8, dropout=0.0, learning_rate=0.02)
+    before = [w.copy() for w in model.get_weights()]
+    first = model.train_on_batch(x, y, return_dict=True)["loss"]
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=False))
+    for _ in range(15):
+        last = model.train_on_batch(x, y, return_dict=True)["loss"]
+    assert last < first
+
+
+def test_padding_does_not_change_the_prediction():
+    model = build_model(50, embedding_dim=4, lstm_units=3, pooling="max")
+    short = model.predict(np.array([[7, 8, 9]]), verbose=0)
+    padded = model.predict(np.array([[7, 8, 9, 0, 0, 0]]), verbose=0)
+    np.testing.assert_allclose(short, padded, atol=1e-6)
+
+
+def test_masked_max_ignores_padded_steps():
+    x = np.array([[[-1.0], [-2.0], [0.0]]], dtype="float32")
+    mask = np.array([[True, True, False]])
+    assert float(MaskedMaxPooling1D()(x, mask=mask)[0, 0]) == -1.0
+
+
+def test_pretrained_matrix_is_used_and_can_be_frozen():
+    matrix = np.arange(20, dtype="float32").reshape(5, 4)
+    model = build_model(5, embedding_dim=4, embedding_matrix=matrix, embedding_trainable=False)
+    np.testing.assert_array_equal(model.get_layer("embedding").get_weights()[0], matrix)
+    assert not model.get_layer("embedding").trainable
+    with pytest.raises(ValueError, match="shape"):
+        build_model(6, embedding_dim=4, embedding_matrix=matrix)
+
+
+def test_cudnn_free_copy_gives_the_same_outputs():
+    model = build_model(30, embedding_dim=4, lstm_units=3)
+    portable = build_model(30, embedding_dim=4, lstm_units=3, use_cudnn=False)
+    portable.set_weights(model.get_weights())
+    x = np.array([[3, 4, 5, 0]])
+    np.testing.assert_allclose(model.predict(x, verbose=0), portable.predict(x, verbose=0), atol=1e-6)

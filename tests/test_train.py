@@ -1,0 +1,46 @@
+import csv
+import json
+
+import yaml
+
+from pipeline.config import load_config
+from pipeline.train import latest_finished_run, open_run_dir
+from tests.conftest import tiny_overrides
+
+
+def test_run_directory_holds_everything(trained_run):
+    cfg, result = trained_run
+    run = result.run_dir
+    for name in ("config.yaml", "run.json", "vocabulary.txt", "model.weights.h5", "history.csv",
+                 "metrics.json", "curves.png", "export.json", "checkpoints/best.weights.h5"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.to_dict()
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with (run / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert 1 <= len(rows) <= cfg.train.epochs and "val_accuracy" in rows[0]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["fingerprint"] == cfg.fingerprint()
+    assert latest_finished_run(cfg) == run
+
+
+def test_metrics_are_consistent(trained_run):
+    _, result = trained_run
+    m = json.loads((result.run_dir / "metrics.json").read_text())
+    (tn, fp), (fn, tp) = m["confusion_matrix"]["rows_true_cols_pred"]
+    assert tn + fp + fn + tp == m["examples"] == 40
+    assert abs(m["accuracy"] - (tp + tn) / 40) < 1e-9
+    assert m["accuracy"] >= 0.8  # separable tiny data
+    for key in ("precision", "recall", "auc", "loss"):
+        assert 0.0 <= m[key] <= (1.0 if key != "loss" else 10.0)
+
+
+def test_unfinished_run_is_resumed_and_other_configs_are_not(imdb_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path))
+    run, resumed = open_run_dir(cfg, fresh=False)
+    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    assert open_run_dir(cfg, fresh=False) == (run, True)
+    assert open_run_dir(cfg, fresh=True)[1] is False
+    other = load_config(None, tiny_overrides(imdb_dir, tmp_path) + ["model.lstm_units=9"])
+    assert open_run_dir(other, fresh=False)[0] != run
