@@ -1,0 +1,300 @@
+"""Tuning on tiny data: the grid, the report against KerasTuner's own records, the hand-off to
+training, resume after an interruption, chief/worker tuning, and bad tuning configs."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras_tuner as kt
+import pytest
+import yaml
+
+from pipeline import tune
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.model import build_model, model_kwargs
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = [4, 8]
+
+
+def _tune_overrides(imdb: Path, out: Path, dims: list[int] = DIMS) -> list[str]:
+    # model.embedding_dim=6 is in no candidate list, so a model of dim 6 was not tuned.
+    # One direction and one batch shape keep each trial's graph small: these tests are about
+    # the search, not the model.
+    return tiny_overrides(imdb, out) + [f"tune.embedding_dims=[{','.join(map(str, dims))}]",
+                                        "tune.epochs=1", "model.embedding_dim=6",
+                                        "model.bidirectional=false", "train.bucket_by_length=false"]
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [a for item in overrides for a in ("--set", item)]
+
+
+def _oracle_trials(out: Path) -> dict[str, kt.engine.trial.Trial]:
+    """KerasTuner's own record of each trial, as its oracle saved it."""
+    trials = [kt.engine.trial.Trial.load(str(f)) for f in (out / "project").glob("trial_*/trial.json")]
+    return {t.trial_id: t for t in trials}
+
+
+@pytest.fixture(scope="module")
+def searched(imdb_dir, tmp_path_factory):
+    """One finished grid search over DIMS, counting how often the data is prepared."""
+    out = tmp_path_factory.mktemp("tune")
+    cfg = load_config(None, _tune_overrides(imdb_dir, out))
+    calls = {"adapt": 0, "vectorize": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tune, "adapt_vectorizer", counting("adapt", tune.adapt_vectorizer))
+        mp.setattr(tune, "vectorize_cached", counting("vectorize", tune.vectorize_cached))
+        result = tune.run_search(cfg)
+    return cfg, result, calls
+
+
+def test_grid_tries_every_candidate_once_on_shared_data(searched):
+    cfg, result, calls = searched
+    trials = _oracle_trials(tune.output_dir(cfg))
+    assert sorted(t.hyperparameters.values["embedding_dim"] for t in trials.values()) == DIMS
+    assert all(t.status == "COMPLETED" for t in trials.values())
+    assert sorted(t["trial_id"] for t in result.trained) == sorted(trials)
+    # The vocabulary is adapted once and train/validation tokenized and cached once, for all trials.
+    assert calls == {"adapt": 1, "vectorize": 2}
+    for row in result.rows:
+        assert 1 <= row["epochs_run"] <= cfg.tune.epochs
+
+
+def test_every_trial_gets_the_same_batches(imdb_dir, tmp_path):
+    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path))
+    make_train, val_ds, vocab_size, sizes = tune.prepare_data(cfg, tune.make_strategy(cfg.distribute))
+    first, second = ([y.numpy().tolist() for _, y in make_train()] for _ in range(2))
+    assert first == second and sum(map(len, first)) == sizes["train"]
+    assert sizes == {"train": 90, "validation": 30} and vocab_size <= cfg.vectorize.max_tokens
+
+
+def test_report_agrees_with_the_tuner_records(searched):
+    cfg, result, _ = searched
+    out = tune.output_dir(cfg)
+    trials = _oracle_trials(out)
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == [1, 2]
+    assert sorted(int(r["embedding_dim"]) for r in rows) == DIMS
+    for row in rows:
+        trial = trials[row["trial_id"]]
+        assert int(row["embedding_dim"]) == trial.hyperparameters.values["embedding_dim"]
+        assert float(row["val_accuracy"]) == pytest.approx(trial.score)
+        for key in ("val_loss", "trainable_params", "epochs_run", "seconds"):
+            assert float(row[key]) == pytest.approx(trial.metrics.get_last_value(key), abs=0.05)
+    # The parameter count is that of the plain builder's model with that embedding size.
+    vocab = json.loads((out / "search.json").read_text())["vocabulary_size"]
+    for row in rows:
+        model = build_model(vocab, **model_kwargs(cfg.model) | {"embedding_dim": int(row["embedding_dim"])})
+        assert int(row["trainable_params"]) == tune.trainable_params(model)
+    # The best is the top row and has the best score the oracle recorded.
+    best = json.loads((out / "best_hparams.json").read_text())
+    hps = kt.HyperParameters.from_config(best)  # KerasTuner's own form
+    assert hps.values["embedding_dim"] == int(rows[0]["embedding_dim"])
+    assert trials[rows[0]["trial_id"]].score == max(t.score for t in trials.values())
+    assert result.best["trial_id"] == rows[0]["trial_id"]
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 3 and f"embedding_dim={rows[0]['embedding_dim']}" in md
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # TensorBoard: one log dir per trial with its HParams session, and the experiment at the top.
+    for trial_id in trials:
+        assert any((out / "logs" / trial_id).rglob("events.out.tfevents*"))
+    assert any((out / "logs").glob("events.out.tfevents*"))
+    text = tune.summary(result)
+    assert f"best: embedding_dim={rows[0]['embedding_dim']}" in text and "best_hparams.json" in text
+
+
+def test_rerun_trains_nothing_again(searched):
+    cfg, result, _ = searched
+    trials = tune.output_dir(cfg) / "project"
+    before = {f: f.stat().st_mtime_ns for f in trials.glob("trial_*/*")}
+    again = tune.run_search(cfg)
+    assert again.trained == []
+    assert [r["trial_id"] for r in again.rows] == [r["trial_id"] for r in result.rows]
+    assert {f: f.stat().st_mtime_ns for f in trials.glob("trial_*/*")} == before
+
+
+def test_training_uses_the_tuned_values(searched, imdb_dir, tmp_path, capsys):
+    cfg, result, _ = searched
+    best_file = tune.output_dir(cfg) / "best_hparams.json"
+    best_dim = result.best["embedding_dim"]
+    overrides = _tune_overrides(imdb_dir, tmp_path) + ["train.epochs=1"]
+    assert main(["train", "--no-export", "--tuned", str(best_file)] + _set_args(overrides)) == 0
+    (run,) = (tmp_path / "runs" / "tiny").iterdir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["embedding_dim"] == best_dim != 6
+    assert saved["model"]["tuned_hparams"] == str(best_file)
+    source = json.loads((run / "run.json").read_text())["hyperparameters_from"]
+    assert source["source"] == "tuning" and source["file"] == str(best_file)
+    assert source["values"] == {"embedding_dim": best_dim}
+    assert source["search"]["trial_id"] == result.best["trial_id"]
+
+
+def test_tuned_latest_without_a_tuning_is_an_error(imdb_dir, tmp_path, capsys):
+    overrides = _tune_overrides(imdb_dir, tmp_path) + ["model.tuned_hparams=latest"]
+    assert main(["train", "--no-export"] + _set_args(overrides)) == 1
+    assert "no tuning result" in capsys.readouterr().err
+
+
+def test_changed_settings_need_fresh(searched, imdb_dir):
+    cfg, _, _ = searched
+    out = Path(cfg.tune.directory).parent
+    changed = load_config(None, _tune_overrides(imdb_dir, out) + ["model.lstm_units=9"])
+    with pytest.raises(ConfigError, match="--fresh"):
+        tune.run_search(changed)
+
+
+def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys):
+    """A copy of the finished search, one more candidate listed, Ctrl-C during its trial: the
+    rerun trains that candidate only; the finished trials are kept as they were."""
+    cfg, _, _ = searched
+    out = tmp_path / "tuning" / "tiny"
+    shutil.copytree(tune.output_dir(cfg), out)
+    finished = {f: f.read_text() for f in out.glob("project/trial_*/trial.json")}
+    fit = tune.EmbeddingHyperModel.fit
+
+    def interrupted(self, hp, model, *args, **kwargs):
+        if hp.values["embedding_dim"] == 16:
+            raise KeyboardInterrupt
+        return fit(self, hp, model, *args, **kwargs)
+
+    extended = _set_args(_tune_overrides(imdb_dir, tmp_path, DIMS + [16]))
+    monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", interrupted)
+    assert main(["tune"] + extended) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    statuses = {t.hyperparameters.values["embedding_dim"]: t.status for t in _oracle_trials(out).values()}
+    assert statuses == {4: "COMPLETED", 8: "COMPLETED", 16: "RUNNING"}
+
+    monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", fit)
+    monkeypatch.setattr(tune, "summary", lambda r: json.dumps(r.trained))  # what this session ran
+    assert main(["tune"] + extended) == 0
+    ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [t["values"] for t in ran] == [{"embedding_dim": 16}]
+    trials = _oracle_trials(out)
+    assert sorted(t.hyperparameters.values["embedding_dim"] for t in trials.values()) == [4, 8, 16]
+    assert all(t.status == "COMPLETED" for t in trials.values())
+    assert {f: f.read_text() for f in finished} == finished
+    with (out / "results.csv").open() as f:
+        assert sorted(int(r["embedding_dim"]) for r in csv.DictReader(f)) == [4, 8, 16]
+
+    # --fresh starts over: the earlier trials and the report are gone.
+    tune.prepare_output(load_config(None, _tune_overrides(imdb_dir, tmp_path)), out, fresh=True)
+    assert not (out / "project").exists() and not (out / "best_hparams.json").exists()
+
+
+@pytest.mark.parametrize("kind,oracle", [
+    ("random", kt.oracles.RandomSearchOracle),
+    ("bayesian", kt.oracles.BayesianOptimizationOracle),
+    ("hyperband", kt.oracles.HyperbandOracle),
+])
+def test_other_tuners_search_the_same_space(kind, oracle, imdb_dir, tmp_path):
+    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [
+        f"tune.tuner={kind}", "tune.lstm_units=[8,16]", "tune.dropout=[0.0,0.2]"])
+    hypermodel = tune.EmbeddingHyperModel(cfg, cfg.vectorize.max_tokens)
+    tuner = tune.make_tuner(cfg, hypermodel, tmp_path / "t", None)
+    assert isinstance(tuner.oracle, oracle)
+    assert {p.name: list(p.values) for p in tuner.oracle.hyperparameters.space} == {
+        "embedding_dim": DIMS, "lstm_units": [8, 16], "dropout": [0.0, 0.2]}
+    if kind != "hyperband":
+        assert tuner.oracle.max_trials == 8  # the grid's size when tune.max_trials is unset
+
+
+@pytest.mark.parametrize("override,key", [
+    ("tune.embedding_dims=[]", "tune.embedding_dims"),
+    ("tune.tuner=annealing", "tune.tuner"),
+    ("tune.embedding_dims=[16,32.5]", "tune.embedding_dims"),
+    ("tune.embedding_dims=[16,'big']", "tune.embedding_dims"),
+    ("tune.lstm_units=[]", "tune.lstm_units"),
+    ("tune.dropout=[0.2,1.5]", "tune.dropout"),
+])
+def test_bad_tuning_config_exits_2_naming_the_key(override, key, tmp_path, capsys):
+    assert main(["tune", "--set", f"tune.directory={tmp_path / 'tuning'}", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and key in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "tuning").exists()
+
+
+def test_worker_needs_a_tuner_id(capsys):
+    assert main(["tune", "--worker", "127.0.0.1:8000"]) == 2
+    assert "--tuner-id" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the chief exited before serving"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"the chief did not listen on port {port} within {timeout}s")
+
+
+def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
+    """Every candidate is trained exactly once across the workers; the chief reports the best."""
+    dims = [4, 8]
+    port = _free_port()
+    args = [sys.executable, "-m", "pipeline", "tune"] + _set_args(_tune_overrides(imdb_dir, tmp_path, dims))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, extra: list[str]) -> subprocess.Popen:
+        log = (tmp_path / f"{name}.log").open("w")
+        procs[name] = subprocess.Popen(args + extra, cwd=ROOT, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT, text=True)
+        return procs[name]
+
+    try:
+        chief = start("chief", ["--chief", f"127.0.0.1:{port}"])
+        _wait_for_port(port, chief, timeout=120)
+        for name in ("tuner1", "tuner2"):
+            start(name, ["--worker", f"127.0.0.1:{port}", "--tuner-id", name])
+        chief.wait(timeout=300)  # it returns once every worker has been told the search is over
+        for name in ("tuner1", "tuner2"):
+            procs[name].wait(timeout=60)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in procs}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{logs[name][-3000:]}"
+
+    out = tmp_path / "tuning" / "tiny"
+    ran = {name: json.loads((out / "workers" / f"{name}.json").read_text())["trained"]
+           for name in ("tuner1", "tuner2")}
+    tried = sorted(t["values"]["embedding_dim"] for trials in ran.values() for t in trials)
+    assert tried == dims, ran
+    assert all(t["status"] == "COMPLETED" for trials in ran.values() for t in trials)
+    trials = _oracle_trials(out)  # the chief's oracle wrote these
+    assert sorted(t.hyperparameters.values["embedding_dim"] for t in trials.values()) == dims
+    best = json.loads((out / "best_hparams.json").read_text())["values"]["embedding_dim"]
+    with (out / "results.csv").open() as f:
+        top = next(csv.DictReader(f))
+    assert int(top["embedding_dim"]) == best
+    assert trials[top["trial_id"]].score == max(t.score for t in trials.values())
+    assert f"best: embedding_dim={best}" in logs["chief"]
