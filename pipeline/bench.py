@@ -1,0 +1,199 @@
+"""`make bench`: this pipeline against a baseline built the way the TensorFlow RNN tutorial does it.
+
+Both sides train the same model size on the same reviews, on the same machine, in one run:
+(a) baseline: TextVectorization inside the model, every review padded to `max_length`,
+    no cache; (b) this pipeline: ids vectorized once and cached, length-bucketed batches.
+Reported: training examples/s and seconds per epoch (each epoch, and the steady state
+after the first), test accuracy after the same epochs, the exported SavedModel's batch
+throughput against the in-memory model, single-review latency, and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import data as data_mod
+from pipeline.config import Config
+from pipeline.export import export_model, in_memory_predict
+from pipeline.model import build_model, model_kwargs
+from pipeline.train import seed_everything
+from pipeline.vectorize import adapt_vectorizer, standardize, vectorize_split
+
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._t)
+
+
+def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
+    """The tutorial's shape: strings in, TextVectorization as the first layer, fixed-length padding."""
+    encoder = keras.layers.TextVectorization(max_tokens=cfg.vectorize.max_tokens, standardize=standardize,
+                                             output_sequence_length=cfg.vectorize.max_length)
+    encoder.adapt(raw_train.map(lambda t, _: t).batch(1024))
+    inner = build_model(encoder.vocabulary_size(), **model_kwargs(cfg.model))
+    text = keras.Input(shape=(), dtype="string")
+    model = keras.Model(text, inner(encoder(text)))
+    model.compile(optimizer=keras.optimizers.Adam(cfg.model.learning_rate), loss="binary_crossentropy",
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy")], jit_compile=False)
+    return model
+
+
+def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
+    timer = EpochTimer()
+    model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
+    steady = timer.seconds[1:] or timer.seconds
+    return {
+        "seconds_per_epoch": [round(s, 2) for s in timer.seconds],
+        "steady_seconds_per_epoch": round(float(np.mean(steady)), 2),
+        "train_examples_per_s": round(n_examples / float(np.mean(steady)), 1),
+    }
+
+
+def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean((probs.reshape(-1) >= 0.5) == labels))
+
+
+def _throughput(fn, texts: list[str], batch: int) -> float:
+    fn(texts[:batch])  # warm-up: tracing is not throughput
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        fn(texts[i:i + batch])
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int) -> dict:
+    seed_everything(cfg)
+    raw = data_mod.load_raw(cfg.data, cfg.seed)
+    raw_train = raw.train.take(train_examples).cache()
+    raw_test = raw.test.take(test_examples)
+    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in raw_test.as_numpy_iterator()]
+    texts, labels = [t for t, _ in pairs], np.array([y for _, y in pairs])
+    n = data_mod.count(raw_train)
+    batch = cfg.train.batch_size
+    result: dict = {"train_examples": n, "test_examples": len(texts), "epochs": epochs, "batch_size": batch}
+
+    # (a) the tutorial's way.
+    base = baseline_model(raw_train, cfg)
+    base_train = raw_train.shuffle(n, seed=cfg.seed).batch(batch).prefetch(tf.data.AUTOTUNE)
+    result["baseline"] = _fit(base, base_train, epochs, n)
+    base_probs = base.predict(tf.constant(texts), batch_size=256, verbose=0)
+    result["baseline"]["test_accuracy"] = _accuracy(base_probs, labels)
+    del base
+
+    # (b) this pipeline.
+    seed_everything(cfg)
+    vectorizer = adapt_vectorizer(cfg.vectorize, raw_train)
+    train_ds = vectorize_split(raw_train, vectorizer, cfg.vectorize, cfg.train, batch, shuffle_seed=cfg.seed)
+    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
+    result["pipeline"] = _fit(model, train_ds, epochs, n)
+    result["pipeline"]["test_accuracy"] = _accuracy(
+        in_memory_predict(vectorizer, model, texts, cfg.vectorize.max_length), labels)
+    result["train_speedup"] = round(result["pipeline"]["train_examples_per_s"]
+                                    / result["baseline"]["train_examples_per_s"], 2)
+
+    # Serving: the exported SavedModel against the in-memory model, same texts and batches.
+    out = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    try:
+        export_cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": str(out)})})
+        exported = export_model(vectorizer, model, export_cfg, texts[:32])
+        serve = tf.saved_model.load(exported.path).signatures["serving_default"]
+        saved_fn = lambda xs: serve(text=tf.constant(xs))["probability"].numpy()  # noqa: E731
+        keras_fn = lambda xs: in_memory_predict(vectorizer, model, xs, cfg.vectorize.max_length)  # noqa: E731
+        saved_rate, keras_rate = _throughput(saved_fn, texts, 256), _throughput(keras_fn, texts, 256)
+        short = "A wonderful film."
+        saved_fn([short])
+        latencies = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            saved_fn([short])
+            latencies.append((time.perf_counter() - t0) * 1000)
+        long_review = max(texts, key=len)
+        saved_fn([long_review])
+        long_lat = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            saved_fn([long_review])
+            long_lat.append((time.perf_counter() - t0) * 1000)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    result["serving"] = {
+        "savedmodel_examples_per_s": round(saved_rate, 1),
+        "keras_examples_per_s": round(keras_rate, 1),
+        "savedmodel_vs_keras": round(saved_rate / keras_rate, 2),
+        "short_review_latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),
+                                    "p95": round(float(np.percentile(latencies, 95)), 2)},
+        "longest_review_latency_ms": {"p50": round(float(np.percentile(long_lat, 50)), 2),
+                                      "p95": round(float(np.percentile(long_lat, 95)), 2),
+                                      "chars": len(long_review)},
+    }
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                         "cpus": len(tf.config.list_physical_devices("CPU")),
+                         "gpus": len(tf.config.list_physical_devices("GPU")),
+                         "python": platform.python_version(), "tensorflow": tf.__version__,
+                         "keras": keras.__version__}
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return result
+
+
+def markdown_table(r: dict) -> str:
+    a, b, s = r["baseline"], r["pipeline"], r["serving"]
+    m = r["machine"]
+    rows = [
+        "| measure | (a) tutorial baseline | (b) this pipeline |",
+        "| --- | --- | --- |",
+        f"| training examples/s (steady) | {a['train_examples_per_s']} | {b['train_examples_per_s']} |",
+        f"| seconds per epoch (each) | {a['seconds_per_epoch']} | {b['seconds_per_epoch']} |",
+        f"| test accuracy after {r['epochs']} epochs | {a['test_accuracy']:.4f} | {b['test_accuracy']:.4f} |",
+        "",
+        f"Training throughput ratio (b)/(a): **{r['train_speedup']}x**.",
+        "",
+        "| serving (exported model of (b)) | value |",
+        "| --- | --- |",
+        f"| SavedModel batch throughput (batch 256) | {s['savedmodel_examples_per_s']} examples/s |",
+        f"| in-memory Keras model, same batches | {s['keras_examples_per_s']} examples/s |",
+        f"| SavedModel / Keras | {s['savedmodel_vs_keras']}x |",
+        f"| one short review, latency p50 / p95 | {s['short_review_latency_ms']['p50']} / "
+        f"{s['short_review_latency_ms']['p95']} ms |",
+        f"| the longest test review ({s['longest_review_latency_ms']['chars']} chars), p50 / p95 | "
+        f"{s['longest_review_latency_ms']['p50']} / {s['longest_review_latency_ms']['p95']} ms |",
+        f"| peak memory of the bench process | {r['peak_rss_mib']} MiB |",
+        "",
+        f"{r['train_examples']} training reviews, {r['test_examples']} test reviews, "
+        f"batch {r['batch_size']}, "
+        f"{r['date']}; {m['platform']}, {m['cpus']} CPU device(s), {m['gpus']} GPU(s), "
+        f"Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}.",
+    ]
+    return "\n".join(rows)
+
+
+def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    table = f"{MARK_START}\n{markdown_table(result)}\n{MARK_END}"
+    text = markdown_path.read_text() if markdown_path.is_file() else "# Benchmarks\n\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + table + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + table + "\n"
+    markdown_path.write_text(text)

@@ -1,0 +1,136 @@
+"""Pretrained embeddings: word2vec on the unlabelled reviews, or a user's vectors file.
+
+word2vec (gensim, skip-gram with negative sampling) trains on the tfds `unsupervised`
+split plus the training reviews; it never sees validation or test text. Vectors are
+cached under `pretrain.directory`, keyed by everything that shapes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import data as data_mod
+from pipeline.config import Config
+from pipeline.vectorize import standardize
+
+log = logging.getLogger(__name__)
+
+
+def _vector_size(cfg: Config) -> int:
+    return cfg.pretrain.vector_size or cfg.model.embedding_dim
+
+
+def cache_path(cfg: Config) -> Path:
+    """Where the word2vec vectors for this config live (same settings -> same file)."""
+    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples"}), "size": _vector_size(cfg),
+           "pretrain": cfg.pretrain.model_dump(exclude={"directory", "vector_size"}),
+           "seed": cfg.seed, "tokenizer": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.pretrain.directory) / f"word2vec-{_vector_size(cfg)}d-{digest}.kv"
+
+
+def tokenized(texts: tf.data.Dataset, batch_size: int = 1024) -> Iterator[list[str]]:
+    """Reviews as token lists, standardized exactly as the vectorizer does."""
+    for batch in texts.batch(batch_size).map(lambda t: tf.strings.split(standardize(t))):
+        for row in batch.to_list():
+            yield [token.decode("utf-8") for token in row]
+
+
+class Corpus:
+    """Unlabelled reviews plus the training split (validation and test excluded).
+
+    Re-iterable and streamed, so gensim's passes never hold ~17M tokens in memory.
+    """
+
+    def __init__(self, cfg: Config):
+        raw = data_mod.load_raw(cfg.data, cfg.seed)
+        self.texts = data_mod.unsupervised_texts(cfg.data).concatenate(raw.train.map(lambda t, _: t))
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return tokenized(self.texts)
+
+
+def train_word2vec(cfg: Config) -> Path:
+    """Train (or reuse) word2vec vectors; returns the cached KeyedVectors file."""
+    from gensim.models import Word2Vec
+
+    path = cache_path(cfg)
+    if path.is_file():
+        log.info("word2vec vectors cached at %s", path)
+        return path
+    t0 = time.time()
+    p = cfg.pretrain
+    model = Word2Vec(vector_size=_vector_size(cfg), window=p.window, min_count=p.min_count, sg=1,
+                     negative=5, seed=cfg.seed, workers=p.workers)
+    sentences = Corpus(cfg)
+    model.build_vocab(sentences)
+    log.info("word2vec: %d reviews, %d tokens, %d words kept; training %d epochs",
+             model.corpus_count, model.corpus_total_words, len(model.wv), p.epochs)
+    model.train(sentences, total_examples=model.corpus_count, total_words=model.corpus_total_words,
+                epochs=p.epochs, report_delay=30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    model.wv.save(str(tmp))
+    for extra in tmp.parent.glob(tmp.name + ".*"):  # large arrays may go to side files
+        extra.rename(path.with_name(path.name + extra.name[len(tmp.name):]))
+    tmp.rename(path)
+    log.info("word2vec: %d words x %d dims in %.0fs -> %s", len(model.wv), model.wv.vector_size,
+             time.time() - t0, path)
+    return path
+
+
+def read_vectors_file(path: Path) -> dict[str, np.ndarray]:
+    """A GloVe or word2vec text file: `word f1 f2 ...` per line (a `count dim` header is skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.embedding_file {str(path)!r} does not exist")
+    vectors: dict[str, np.ndarray] = {}
+    dim = None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip().split(" ")
+            if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue
+            if len(parts) < 2:
+                continue
+            dim = dim or len(parts) - 1
+            if len(parts) - 1 != dim:
+                raise ValueError(f"{path}:{lineno}: {len(parts) - 1} values, expected {dim}")
+            vectors[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
+    if not vectors:
+        raise ValueError(f"{path}: no vectors found")
+    return vectors
+
+
+def embedding_matrix(cfg: Config, vocabulary: list[str]) -> np.ndarray:
+    """Rows for the vocabulary: pretrained where known, small random otherwise, zero for padding."""
+    if cfg.model.embedding_init == "word2vec":
+        from gensim.models import KeyedVectors
+
+        kv = KeyedVectors.load(str(train_word2vec(cfg)))
+        lookup = {w: kv[w] for w in vocabulary if w in kv.key_to_index}
+        source = "word2vec"
+    else:
+        lookup = read_vectors_file(Path(cfg.model.embedding_file or ""))
+        source = cfg.model.embedding_file
+    dim = cfg.model.embedding_dim
+    found = [w for w in vocabulary if w in lookup]
+    if found and len(lookup[found[0]]) != dim:
+        raise ValueError(f"model.embedding_dim is {dim} but the {source} vectors have "
+                         f"{len(lookup[found[0]])} dimensions")
+    rng = np.random.default_rng(cfg.seed)
+    scale = float(np.std([lookup[w] for w in found])) if found else 0.05
+    matrix = rng.normal(0.0, scale, size=(len(vocabulary), dim)).astype(np.float32)
+    for i, word in enumerate(vocabulary):
+        if word in lookup:
+            matrix[i] = lookup[word]
+    matrix[0] = 0.0  # padding
+    log.info("embeddings: %d of %d vocabulary words found in %s", len(found), len(vocabulary), source)
+    return matrix

@@ -1,0 +1,21 @@
+from pipeline.bench import MARK_END, MARK_START, run_bench, write_report
+
+
+def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
+    result = run_bench(tiny_cfg, train_examples=60, test_examples=40, epochs=2)
+    for side in ("baseline", "pipeline"):
+        assert result[side]["train_examples_per_s"] > 0
+        assert len(result[side]["seconds_per_epoch"]) == 2
+        assert 0.0 <= result[side]["test_accuracy"] <= 1.0
+    assert result["train_speedup"] > 0 and result["serving"]["savedmodel_examples_per_s"] > 0
+    assert result["train_examples"] == 60 and result["test_examples"] == 40
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
+    write_report(result, tmp_path / "out" / "bench.json", md)
+    write_report(result, tmp_path / "out" / "bench.json", md)
+    text = md.read_text()
+    assert text.count(MARK_START) == 1 and "old" not in text
+    assert "notes above" in text and "notes below" in text
+    assert f"**{result['train_speedup']}x**" in text
+    assert (tmp_path / "out" / "bench.json").is_file()
