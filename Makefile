@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
-.PHONY: install train export tune pretrain all predict bench test lint clean
+.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench test lint clean
 
 # Reinstalls only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -17,11 +17,47 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# TUNED=latest (or a best_hparams.json) trains with the best values of `make tune`.
 train: install
-	$(RUN) train --config $(CONFIG) $(SET_ARGS) $(ARGS)
+	$(RUN) train --config $(CONFIG) $(SET_ARGS) $(if $(TUNED),--tuned $(TUNED)) $(ARGS)
+
+# WORKERS training processes on this machine under MultiWorkerMirroredStrategy, each with its
+# own TF_CONFIG on a free 127.0.0.1 port; to try multi-worker before using several machines (README).
+WORKERS ?= 2
+train-multiworker: install
+	$(RUN) train-workers --workers $(WORKERS) --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# Search the embedding size (tune.* in the config); a rerun resumes, ARGS=--fresh starts over.
+tune: install
+	$(RUN) tune --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# Tune, then train (and export) with the best values found.
+all: tune
+	$(MAKE) --no-print-directory train TUNED=latest
+
+# Distributed tuning: one chief (ORACLE=0.0.0.0:8000 on its machine), workers pointing at it
+# (ORACLE=chief-host:8000 TUNER_ID=tuner1, tuner2, ...), all with the same CONFIG and SET.
+ORACLE ?= 127.0.0.1:8000
+tune-chief: install
+	$(RUN) tune --config $(CONFIG) $(SET_ARGS) --chief $(ORACLE) $(ARGS)
+
+tune-worker: install
+	$(RUN) tune --config $(CONFIG) $(SET_ARGS) --worker $(ORACLE) --tuner-id $(TUNER_ID) $(ARGS)
 
 export: install
 	$(RUN) export --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# make predict TEXT="A wonderful film."  or  cat reviews.txt | make predict  (MODEL=saved_models/<name>[/<N>])
+predict: install
+	$(RUN) predict --config $(CONFIG) $(SET_ARGS) $(if $(MODEL),--model $(MODEL)) $(ARGS) \
+		$(if $(TEXT),-- '$(subst ','\'',$(TEXT))')
+
+pretrain: install
+	$(RUN) pretrain --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# Both sides of the speed comparison in one run; needs the real data (TFDS_DATA_DIR).
+bench: install
+	$(RUN) bench --config $(CONFIG) $(SET_ARGS) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

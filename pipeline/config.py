@@ -58,6 +58,8 @@ class ModelConfig(_Section):
     embedding_init: Literal["random", "word2vec", "file"] = "random"
     embedding_file: str | None = None  # GloVe/word2vec text file for embedding_init=file
     embedding_trainable: bool = True  # False freezes pretrained vectors
+    # best_hparams.json from `make tune` (or its folder, or "latest"): its values override these.
+    tuned_hparams: str | None = None
 
     @model_validator(mode="after")
     def _file_init_needs_path(self) -> ModelConfig:
@@ -101,10 +103,19 @@ class TuneConfig(_Section):
 
     @model_validator(mode="after")
     def _candidates(self) -> TuneConfig:
-        if not self.embedding_dims:
-            raise ValueError("embedding_dims: must list at least one candidate")
-        if any(d <= 0 for d in self.embedding_dims):
-            raise ValueError("embedding_dims: every candidate must be a positive integer")
+        for key, ok, what in (("embedding_dims", lambda v: v > 0, "a positive integer"),
+                              ("lstm_units", lambda v: v > 0, "a positive integer"),
+                              ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+                              ("learning_rate", lambda v: v > 0.0, "positive")):
+            values = getattr(self, key)
+            if values is None:  # only the optional knobs can be null: not searched
+                continue
+            if not values:
+                raise ValueError(f"{key}: must list at least one candidate")
+            if not all(ok(v) for v in values):
+                raise ValueError(f"{key}: every candidate must be {what} (got {values})")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key}: candidates must be distinct (got {values})")
         return self
 
 
@@ -113,6 +124,7 @@ class PretrainConfig(_Section):
     window: int = Field(5, gt=0)
     min_count: int = Field(2, gt=0)
     epochs: int = Field(5, gt=0)
+    workers: int = Field(2, gt=0)  # gensim threads; this machine has 2 cores
     directory: str = "pretrained"  # cached vectors, keyed by their settings
 
 
@@ -138,6 +150,7 @@ class Config(_Section):
         for volatile in ("runs_dir",):
             d.pop(volatile)
         d["train"].pop("verbose")
+        d["model"].pop("tuned_hparams")  # where values came from; the values themselves count
         d.pop("export")
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]

@@ -71,6 +71,12 @@ def _files_dataset(folder: Path) -> tf.data.Dataset:
     paths, labels = [], []
     for label, cls in enumerate(CLASS_NAMES):
         for f in sorted((folder / cls).glob("*.txt")):
+            # Checked now, not when tf.data reads it mid-epoch with a C++ traceback.
+            if not f.is_file() or not os.access(f, os.R_OK):
+                what = "a broken link" if f.is_symlink() and not f.exists() else (
+                    "not a regular file" if not f.is_file() else "not readable")
+                raise DataError(f"cannot read review file {f}: {what}; remove it or fix it "
+                                "(each .txt under pos/neg must be one readable review)")
             paths.append(str(f))
             labels.append(label)
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string),
@@ -113,10 +119,11 @@ def count(ds: tf.data.Dataset) -> int:
     return int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
 
-def check_nonempty(splits: RawSplits) -> dict[str, int]:
-    """Count each split; an empty one is an error that names it."""
+def check_nonempty(splits: RawSplits, names: tuple[str, ...] = ("train", "validation", "test")
+                   ) -> dict[str, int]:
+    """Count each named split; an empty one is an error that names it."""
     sizes = {}
-    for name in ("train", "validation", "test"):
+    for name in names:
         try:
             n = count(getattr(splits, name))
         except tf.errors.OpError as exc:
@@ -142,4 +149,4 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
         return ds.map(lambda text, _: text)
     folder = Path(cfg.directory or "") / "train" / "unsup"
     files = sorted(str(f) for f in folder.glob("*.txt"))
-    return tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file)
+    return tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string)).map(tf.io.read_file)

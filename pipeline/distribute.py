@@ -1,23 +1,42 @@
-"""The tf.distribute strategy named in the config, and the multi-worker chief rule."""
+"""The tf.distribute strategy named in the config, and the multi-worker rules.
+
+Multi-worker training follows the documented Keras pattern: every worker runs the
+same program with its own `TF_CONFIG`; only the chief writes the run, other workers
+write to a temporary folder that is deleted once they finish.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from pipeline.config import DistributeConfig
+from pipeline.config import ConfigError, DistributeConfig
 
 log = logging.getLogger(__name__)
 
 
 def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
-    """`auto`: MirroredStrategy over the GPUs when any are visible, else the default strategy."""
-    gpus = tf.config.list_logical_devices("GPU")
+    """`auto`: MirroredStrategy over the GPUs when any are visible, else the default strategy.
+
+    Call this before any other TensorFlow op: MultiWorkerMirroredStrategy has to
+    configure collectives before the runtime starts (listing devices starts it).
+    """
     name = cfg.strategy
+    if name == "multi_worker":
+        check_tf_config()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if gpus else "default"
     if name == "default":
@@ -27,22 +46,232 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
         strategy = tf.distribute.OneDeviceStrategy(device)
     elif name == "mirrored":
         strategy = tf.distribute.MirroredStrategy(cfg.devices)
-    else:
-        if "TF_CONFIG" not in os.environ:
-            raise RuntimeError("distribute.strategy=multi_worker needs TF_CONFIG in the environment")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if cfg.mixed_precision:
+        if not gpus:
+            log.warning("distribute.mixed_precision is on without a GPU: float16 on CPU is slow, "
+                        "not faster")
         keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("strategy %s with %d replica(s)%s", type(strategy).__name__,
+    log.info("strategy %s with %d replica(s)%s", strategy_name(strategy),
              strategy.num_replicas_in_sync, ", mixed_float16" if cfg.mixed_precision else "")
     return strategy
 
 
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public name: MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
+
+
+def _tf_config() -> dict:
+    return json.loads(os.environ.get("TF_CONFIG", "{}"))
+
+
+def check_tf_config() -> None:
+    """Refuse a missing or malformed TF_CONFIG with one line, before TensorFlow reads it."""
+    hint = ('e.g. {"cluster": {"worker": ["host-a:12345", "host-b:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}')
+    if "TF_CONFIG" not in os.environ:
+        raise ConfigError(f"distribute.strategy: multi_worker needs TF_CONFIG in the environment, {hint}")
+    try:
+        tf_config = _tf_config()
+    except ValueError:
+        raise ConfigError(f"TF_CONFIG: not valid JSON, {hint}") from None
+    task = tf_config.get("task", {}) if isinstance(tf_config, dict) else {}
+    workers = tf_config.get("cluster", {}).get(task.get("type"), []) if task else []
+    if not isinstance(task.get("index"), int) or not 0 <= task["index"] < len(workers):
+        raise ConfigError(f"TF_CONFIG: task must name its type and index in the cluster, {hint}")
+
+
 def is_chief() -> bool:
     """True unless TF_CONFIG names this process as a non-chief worker."""
-    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    tf_config = _tf_config()
+    task = tf_config.get("task", {})
     kind, index = task.get("type"), task.get("index", 0)
-    has_chief = "chief" in json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    has_chief = "chief" in tf_config.get("cluster", {})
     if kind is None or kind == "chief":
         return True
     return kind == "worker" and index == 0 and not has_chief
+
+
+def task_name() -> str:
+    """This process's name in the cluster, e.g. `worker1`; `chief` when there is no TF_CONFIG."""
+    task = _tf_config().get("task", {})
+    return f"{task['type']}{task.get('index', 0)}" if task.get("type") else "chief"
+
+
+def shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Shard across workers by element, not by file.
+
+    tfds IMDB has a handful of files (a folder source has one tensor), too few to
+    split by file; by data, each worker reads everything and keeps its own share of
+    every global batch, so each sees a distinct part of the data each epoch. The
+    other strategies ignore this option.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def fix_keras_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Let Keras 3 `fit` run under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    Keras 3.15 trips in two places once more than one worker takes part:
+    - before training, `fit` all-reduces one whole distributed batch just to learn
+      its shapes, which fails on an (ids, label) tuple ("Attempt to convert a value
+      (PerReplica...)"); this worker's own part of the batch has the same shapes,
+      so the model is built from that instead;
+    - each step averages the per-replica logs with `reduce(..., axis=0)`, which is
+      invalid for scalar metrics; they are averaged over all replicas instead.
+    The epoch metrics (history, early stopping, checkpoints) come from the metric
+    variables, which the strategy keeps in sync. Other strategies are left as they are.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def build_from_local_batch(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0], next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = build_from_local_batch
+    keras_reduce = tf_trainer.reduce_per_replica
+    if getattr(keras_reduce, "fixed_for_multi_worker", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return keras_reduce(values, strategy, reduction)
+
+    reduce_per_replica.fixed_for_multi_worker = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def gather_from_workers(strategy: tf.distribute.Strategy, value: int) -> list[int]:
+    """`value` as every replica of every worker has it: a collective step all workers must take."""
+    local = strategy.experimental_distribute_values_from_function(
+        lambda _: tf.constant([value], tf.int64))
+    return [int(v) for v in strategy.gather(local, axis=0).numpy()]
+
+
+def num_workers() -> int:
+    """Processes in the TF_CONFIG cluster (1 without one)."""
+    cluster = _tf_config().get("cluster", {})
+    return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker")) or 1
+
+
+class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that also works with several workers (same arguments as Keras').
+
+    Keras 3's callback knows nothing of workers. Each worker must back up to its
+    own folder (the caller picks it), and on a restart all workers must resume
+    from the same epoch: a worker killed while saving can be one epoch behind the
+    rest, and workers that run different numbers of steps wait on each other
+    forever. So before restoring, the workers agree on the oldest epoch any of them
+    has; a worker ahead restores its previous backup (`double_checkpoint=True`).
+    """
+
+    def _saved_epoch(self) -> int:
+        path = Path(self._training_metadata_path)
+        return int(json.loads(path.read_text()).get("epoch", 0)) if path.is_file() else 0
+
+    def on_train_begin(self, logs=None):
+        strategy = self.model.distribute_strategy
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            self._agree_on_epoch(strategy)
+        super().on_train_begin(logs)
+
+    def _agree_on_epoch(self, strategy: tf.distribute.Strategy) -> None:
+        mine = self._saved_epoch()
+        agreed = min(gather_from_workers(strategy, mine))
+        if agreed == mine:
+            return
+        log.warning("resuming from epoch %d like the other workers (this one had %d)", agreed, mine)
+        if agreed == 0:
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+        elif agreed == mine - 1 and Path(self._prev_training_metadata_path).is_file():
+            shutil.copyfile(self._prev_weights_path, self._weights_path)
+            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+        else:  # every epoch ends in steps all workers take together: one apart at most
+            raise RuntimeError(f"workers disagree on the epoch to resume from ({agreed} vs {mine}) "
+                               f"and no backup of epoch {agreed} is left: start over with --fresh")
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` TCP ports free on 127.0.0.1 right now (the OS picks them)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tf_config(workers: list[str], index: int) -> str:
+    """The TF_CONFIG for worker `index` of a cluster of `host:port` workers; worker 0 is the chief."""
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def _relay(stream, prefix: str) -> None:
+    for line in stream:
+        sys.stdout.write(f"{prefix}{line}")
+        sys.stdout.flush()
+
+
+def run_local_workers(n: int, args: list[str], timeout: float | None = None) -> int:
+    """Run `python -m pipeline <args>` as `n` workers on 127.0.0.1 and wait for all.
+
+    Each gets its own TF_CONFIG and `distribute.strategy=multi_worker`; output lines
+    are prefixed with the worker's name. If one worker fails, the others are stopped
+    (they would wait for it forever). Returns the exit code of the first worker to
+    fail, 124 if `timeout` seconds pass first, else 0.
+    """
+    workers = [f"127.0.0.1:{port}" for port in free_ports(n)]
+    procs, relays = [], []
+    try:
+        for i in range(n):
+            env = dict(os.environ, TF_CONFIG=tf_config(workers, i))
+            cmd = [sys.executable, "-m", "pipeline", *args, "--set", "distribute.strategy=multi_worker"]
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            relay = threading.Thread(target=_relay, args=(proc.stdout, f"[worker{i}] "), daemon=True)
+            relay.start()
+            procs.append(proc)
+            relays.append(relay)
+        return wait_all(procs, timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for relay in relays:
+            relay.join(timeout=5)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float | None) -> int:
+    """Wait for every process; stop the rest as soon as one fails or time runs out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = next((p.returncode for p in procs if p.poll() not in (None, 0)), None)
+        timed_out = deadline is not None and time.monotonic() > deadline
+        if failed is not None or timed_out:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            return failed if failed is not None else 124
+        time.sleep(0.2)
+    return next((p.returncode for p in procs if p.returncode != 0), 0)

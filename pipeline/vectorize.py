@@ -96,15 +96,30 @@ def vectorize_split(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
     `shuffle_seed` set means a training split: reshuffled each epoch after the cache.
     `replicas` > 1 trims each batch to a multiple of it (see `even_batches`).
     """
-    autotune = tf.data.AUTOTUNE
-    ds = (
+    return batch_ids(vectorize_cached(raw, vectorizer, vcfg), vcfg, tcfg, batch_size,
+                     shuffle_seed=shuffle_seed, replicas=replicas)
+
+
+def vectorize_cached(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
+                     vcfg: VectorizeConfig) -> tf.data.Dataset:
+    """(text, label) -> (ids, label) rows, cached: tokenization happens on the first pass only."""
+    return (
         raw.batch(vcfg.adapt_batch_size)
         .map(lambda t, y: (prepare_ids(vectorizer(t), vcfg.max_length), y),
-             num_parallel_calls=autotune)
+             num_parallel_calls=tf.data.AUTOTUNE)
         .unbatch()
         .map(lambda ids, y: (ids, y))  # unbatched rows are ragged-rank-0 specs; make them Tensors
-        .cache()  # tokenization happens once, not every epoch
+        .cache()
     )
+
+
+def batch_ids(ds: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig, batch_size: int,
+              shuffle_seed: int | None = None, replicas: int = 1) -> tf.data.Dataset:
+    """Cached (ids, label) rows -> shuffled (if seeded), bucketed or padded, prefetched batches.
+
+    Each call starts a new shuffle sequence over the same cache: tuning trials each
+    call it to see the same batches in the same order.
+    """
     if shuffle_seed is not None:
         ds = ds.shuffle(tcfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
     if tcfg.bucket_by_length:
@@ -118,7 +133,7 @@ def vectorize_split(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
         ds = ds.padded_batch(batch_size)
     if replicas > 1:
         ds = even_batches(ds, replicas)
-    return ds.prefetch(autotune)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def even_batches(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:

@@ -39,3 +39,17 @@ def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_cli_unreadable_review_exits_nonzero_with_one_line(tmp_path, capsys):
+    from tests.conftest import write_aclimdb
+
+    root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
+    (root / "test" / "neg" / "7_1.txt").symlink_to(tmp_path / "gone.txt")
+    args = ["train"]
+    for item in tiny_overrides(root, tmp_path):
+        args += ["--set", item]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "7_1.txt" in err[0] and "broken link" in err[0]
+    assert not (tmp_path / "saved_models").exists()

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
@@ -22,7 +23,7 @@ def test_overrides_are_typed_and_applied():
 
 def test_config_is_frozen():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.epochs = 5  # type: ignore[misc]
 
 
@@ -30,10 +31,13 @@ BAD = [
     ("train:\n  epochz: 3\n", "train.epochz"),
     ("train:\n  epochs: three\n", "train.epochs"),
     ("train:\n  batch_size: -8\n", "train.batch_size"),
+    ("vectorize:\n  max_length: -5\n", "vectorize.max_length"),
+    ("model:\n  lstm_units: -4\n", "model.lstm_units"),
     ("model:\n  embedding_dim: 0\n", "model.embedding_dim"),
     ("model:\n  lstm_units: 1.5\n", "model.lstm_units"),
     ("data:\n  validation_fraction: 1.0\n", "data.validation_fraction"),
     ("data:\n  validation_fraction: 0\n", "data.validation_fraction"),
+    ("data:\n  validation_fraction: -0.2\n", "data.validation_fraction"),
     ("distribute:\n  strategy: tpu_pod\n", "distribute.strategy"),
     ("data:\n  source: directory\n", "data.directory"),
     ("tune:\n  embedding_dims: []\n", "tune.embedding_dims"),
@@ -52,7 +56,7 @@ def test_bad_config_names_the_key(tmp_path, text, key):
         load_config(path)
 
 
-@pytest.mark.parametrize("text,key", BAD[:4])
+@pytest.mark.parametrize("text,key", BAD)
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys, monkeypatch, text, key):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "bad.yaml"
@@ -63,9 +67,12 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys, monkeypatch, tex
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
 
 
-def test_cli_missing_config_file_exits_2(capsys):
+def test_cli_missing_config_file_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", "no/such.yaml"]) == 2
-    assert "no/such.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no/such.yaml" in err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_cli_bad_override_exits_2(capsys):

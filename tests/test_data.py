@@ -68,3 +68,17 @@ def test_class_folders_without_reviews(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
     with pytest.raises(DataError, match="no .txt files"):
         load_raw(DataConfig(source="directory", directory=str(tmp_path)), seed=0)
+
+
+@pytest.mark.parametrize("kind", ["directory", "broken_link"])
+def test_unreadable_review_file_is_named(tmp_path, kind):
+    from tests.conftest import write_aclimdb
+
+    root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
+    bad = root / "train" / "pos" / "99_9.txt"
+    if kind == "directory":
+        bad.mkdir()
+    else:
+        bad.symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(DataError, match=r"cannot read review file .*99_9\.txt.*remove it or fix it"):
+        load_raw(DataConfig(source="directory", directory=str(root)), seed=0)

@@ -1,11 +1,28 @@
+import csv
 import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import keras
 import pytest
 import tensorflow as tf
 
-from pipeline.config import DistributeConfig, load_config
-from pipeline.distribute import is_chief, make_strategy
-from pipeline.train import train
+from pipeline.cli import main
+from pipeline.config import ConfigError, DistributeConfig, load_config
+from pipeline.distribute import (
+    free_ports,
+    is_chief,
+    make_strategy,
+    run_local_workers,
+    tf_config,
+    wait_all,
+)
+from pipeline.model import build_model
+from pipeline.train import latest_finished_run, open_run_dir, open_worker_dir, train
 from tests.conftest import tiny_overrides
 
 
@@ -20,9 +37,18 @@ def test_mirrored_over_two_logical_cpus():
     assert strategy.num_replicas_in_sync == 2
 
 
-def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(RuntimeError, match="TF_CONFIG"):
+@pytest.mark.parametrize("tf_config", [
+    None,
+    "{not json",
+    '{"cluster": {"worker": ["a:1"]}}',
+    '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}',
+])
+def test_multi_worker_without_a_usable_tf_config_is_a_clear_error(monkeypatch, tf_config):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
         make_strategy(DistributeConfig(strategy="multi_worker"))
 
 
@@ -50,3 +76,133 @@ def test_training_under_mirrored_strategy_with_two_cpus(imdb_dir, tmp_path):
     assert info["replicas"] == 2 and info["global_batch"] == 2 * cfg.train.batch_size
     assert result.export is not None and result.export.version == 1
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
+def test_mixed_precision_warns_on_cpu_and_keeps_a_float32_output(caplog):
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.distribute"):
+            make_strategy(DistributeConfig(strategy="default", mixed_precision=True))
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        assert "without a GPU" in caplog.text
+        model = build_model(20, embedding_dim=8, lstm_units=4)
+        assert model.get_layer("embedding").compute_dtype == "float16"
+        out = model(tf.constant([[3, 4, 5], [6, 0, 0]], tf.int64))
+        assert out.dtype == tf.float32 and model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # the policy is global: never leak it
+
+
+def test_worker_scratch_dirs_are_neither_resumed_nor_finished_runs(tiny_cfg, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
+    scratch, resumed = open_worker_dir(tiny_cfg, fresh=False)
+    assert scratch.name.startswith(".workertemp-worker1-") and not resumed
+    (scratch / "run.json").write_text(json.dumps({"status": "running"}))
+    assert open_worker_dir(tiny_cfg, fresh=False) == (scratch, True)
+    assert open_run_dir(tiny_cfg, fresh=False)[0] != scratch
+    (scratch / "run.json").write_text(json.dumps({"status": "finished"}))
+    with pytest.raises(FileNotFoundError):
+        latest_finished_run(tiny_cfg)
+    assert open_worker_dir(tiny_cfg, fresh=True)[1] is False
+
+
+def test_local_workers_get_their_own_tf_config_and_prefixed_output(capsys):
+    assert run_local_workers(2, ["check-config", "--set", "train.epochs=2"], timeout=120) == 0
+    out = capsys.readouterr().out
+    assert "[worker0] {" in out and "[worker1] {" in out
+    cluster = ["127.0.0.1:1", "127.0.0.1:2"]
+    assert json.loads(tf_config(cluster, 1)) == {"cluster": {"worker": cluster},
+                                                 "task": {"type": "worker", "index": 1}}
+    assert main(["train-workers", "--workers", "0"]) == 2
+
+
+def test_one_failed_worker_stops_the_others():
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        assert wait_all([waiting, failing], timeout=100) == 3
+        assert waiting.returncode is not None  # stopped, not left waiting for its peer
+    finally:
+        for proc in (waiting, failing):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _start_worker(index: int, cluster: list[str], argv: list[str], log: Path) -> subprocess.Popen:
+    # What the README tells each machine to run: its own TF_CONFIG, the same command.
+    tf_config = {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}}
+    env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="3")
+    with log.open("a") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "train", *argv], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[Path], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    for proc, log in zip(procs, logs, strict=True):
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker still running after {seconds:.0f}s; its log ends:\n"
+                        f"{log.read_text()[-3000:]}")
+    return [proc.returncode for proc in procs]
+
+
+def _backup_epoch(metadata_files: list[Path]) -> int:
+    for meta in metadata_files:
+        try:
+            return json.loads(meta.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            pass  # being written
+    return 0
+
+
+def test_two_workers_train_together_survive_a_crash_and_leave_one_run(imdb_dir, tmp_path):
+    out, logs_dir = tmp_path / "out", tmp_path / "logs"
+    logs_dir.mkdir()
+    config = tmp_path / "multi_worker.yaml"
+    config.write_text("distribute:\n  strategy: multi_worker\n")  # the config switch alone
+    sets = tiny_overrides(imdb_dir, out) + ["train.epochs=3"]
+    argv = ["--config", str(config)] + [f"--set={kv}" for kv in sets]
+    cluster = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    logs = [logs_dir / f"worker{i}.log" for i in range(2)]
+    root = out / "runs" / "tiny"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs = [_start_worker(i, cluster, argv, logs[i]) for i in range(2)]
+        # Kill worker 1 once both have a backup of a finished epoch: the chief fails too...
+        deadline = time.monotonic() + 150
+        while min(_backup_epoch(list(root.glob(pattern)))
+                  for pattern in ("2*/backup/training_metadata.json",
+                                  ".workertemp-*/backup/training_metadata.json")) < 1:
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epoch finished in 150 s"
+            time.sleep(0.02)
+        procs[1].kill()
+        assert _wait(procs, logs, 60)[0] != 0, "the chief went on without its worker"
+        # ... and the same two commands again resume from the backups instead of starting over.
+        procs = [_start_worker(i, cluster, argv, logs[i]) for i in range(2)]
+        codes = _wait(procs, logs, 240)  # a bound for a loaded shared machine
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert codes == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+
+    runs = list(root.iterdir())
+    assert len(runs) == 1 and not runs[0].name.startswith("."), runs  # worker scratch is gone
+    run = runs[0]
+    assert sorted(p.name for p in out.iterdir()) == ["runs", "saved_models"]
+    assert [p.name for p in (out / "saved_models" / "tiny").iterdir()] == ["1"]
+    assert not (run / "backup").exists()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["strategy"] == "MultiWorkerMirroredStrategy"
+    assert info["workers"] == 2 and info["replicas"] == 2 and info["global_batch"] == 2 * 16
+    assert info["started_at_epoch"] >= 2  # resumed, not retrained from the start
+    with (run / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(len(rows)))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert json.loads((run / "export.json").read_text())["version"] == 1

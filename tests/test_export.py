@@ -1,13 +1,18 @@
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
+import pipeline.export
+from pipeline.config import load_config
 from pipeline.export import WARMUP_FILE, existing_versions, publish
-from pipeline.train import export_run
+from pipeline.train import export_run, train
+from tests.conftest import tiny_overrides
 
 RELOAD = """
 import json, sys
@@ -84,3 +89,106 @@ def test_warmup_requests_parse_back(trained_run):
         assert request.model_spec.signature_name == "serving_default"
         texts = tf.make_ndarray(request.inputs["text"])
         assert texts.dtype == object and len(texts) >= 1
+
+
+def _publish_together(staged: Path, model_dir: Path, start: threading.Barrier, results: list) -> None:
+    start.wait()  # all racers rename at once
+    results.append(publish(staged, model_dir))
+
+
+def test_concurrent_publishes_get_different_versions(tmp_path):
+    model_dir = tmp_path / "saved"
+    model_dir.mkdir()
+    racers = 8
+    for round_ in range(3):
+        staged = []
+        for i in range(racers):
+            s = model_dir / f".tmp-{round_}-{i}"
+            s.mkdir()
+            (s / "saved_model.pb").write_text(f"{round_}-{i}")
+            staged.append(s)
+        start, results = threading.Barrier(racers), []
+        threads = [threading.Thread(target=_publish_together, args=(s, model_dir, start, results))
+                   for s in staged]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        versions = sorted(v for _, v in results)
+        assert versions == list(range(round_ * racers + 1, (round_ + 1) * racers + 1))
+    # Every staged export landed whole in its own version; none replaced another.
+    contents = sorted((p / "saved_model.pb").read_text() for p in model_dir.iterdir())
+    assert contents == sorted(f"{r}-{i}" for r in range(3) for i in range(racers))
+    assert existing_versions(model_dir) == list(range(1, 3 * racers + 1))
+
+
+def test_failed_export_check_leaves_no_version_and_no_temp_folder(trained_run, monkeypatch):
+    cfg, result = trained_run
+    model_dir = Path(cfg.export.dir) / cfg.name
+    before = sorted(p.name for p in model_dir.iterdir())
+    # The reloaded SavedModel disagrees with the in-memory model: it must not be published.
+    monkeypatch.setattr(pipeline.export, "reload_predict",
+                        lambda path, texts: np.full(len(texts), 0.5))
+    with pytest.raises(RuntimeError, match="export check failed"):
+        export_run(result.run_dir)
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_failed_run_adds_no_version(imdb_dir, tmp_path, monkeypatch):
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=1"])
+
+    def broken_reload(path, texts):
+        raise RuntimeError("reloading the export failed: simulated")
+
+    monkeypatch.setattr(pipeline.export, "reload_predict", broken_reload)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg)
+    model_dir = tmp_path / "saved_models" / "tiny"
+    assert not existing_versions(model_dir)
+    assert not list(model_dir.iterdir())  # no temp folder either
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    assert json.loads((run / "run.json").read_text())["status"] != "finished"
+
+
+ANY_TEXT = r"""
+import json, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+odd = {
+    "empty": [b""],
+    "whitespace": [b" \t\n \r  "],
+    "punctuation": [b"!?.,;:'\"()[]{}-_/\\... !!!"],
+    "megabyte": [b"a great film, " * (1024 * 1024 // 14 + 1)],
+    "invalid_utf8": [b"\xff\xfe great \xc3\x28 film \x80\xbf", b"\xed\xa0\x80"],
+    "emoji_cjk": ["Loved it \U0001F600\U0001F3AC\U0001F44D".encode(), "非常好看的电影".encode(),
+                  "とても良い映画でした".encode(), "정말 좋은 영화".encode()],
+    "html": [b"<html><body><p>A <b>great</b> film</p><br /><br/><script>alert(1)</script>"
+             b"<a href='x'>&amp; &lt;</a></body></html>"],
+    "batch_of_one": [b"A wonderful film."],
+}
+small = [t for name, texts in odd.items() if name != "megabyte" for t in texts]
+odd["batch_of_10000"] = [small[i % len(small)] + b" %d" % i for i in range(10000)]
+report = {}
+for name, texts in odd.items():
+    p = serve(text=tf.constant(texts, dtype=tf.string))["probability"].numpy()
+    report[name] = {"n": len(texts), "shape": list(p.shape), "dtype": p.dtype.name,
+                    "finite": bool(tf.reduce_all(tf.math.is_finite(p))),
+                    "min": float(p.min()), "max": float(p.max())}
+report["pipeline_imported"] = sorted(m for m in sys.modules if m.split(".")[0] == "pipeline")
+print(json.dumps(report))
+"""
+
+
+def test_serving_signature_takes_any_text(trained_run):
+    _, result = trained_run
+    proc = subprocess.run([sys.executable, "-I", "-c", ANY_TEXT, result.export.path],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report.pop("pipeline_imported") == []
+    assert set(report) == {"empty", "whitespace", "punctuation", "megabyte", "invalid_utf8",
+                           "emoji_cjk", "html", "batch_of_one", "batch_of_10000"}
+    for name, r in report.items():
+        assert r["shape"] == [r["n"]] and r["dtype"] == "float32", name
+        assert r["finite"] and 0.0 <= r["min"] <= r["max"] <= 1.0, (name, r)
+    assert report["batch_of_10000"]["n"] == 10000 and report["batch_of_one"]["n"] == 1

@@ -67,7 +67,8 @@ def test_vectorize_split_buckets_and_pads_right():
         lengths = (ids != 0).sum(axis=1)
         assert ids.shape[1] == lengths.max() <= 50
         # Right padding: once a row hits 0 it stays 0.
-        assert all(np.all(row[n:] == 0) and np.all(row[:n] != 0) for row, n in zip(ids, lengths, strict=False))
+        for row, n in zip(ids, lengths, strict=True):
+            assert np.all(row[n:] == 0) and np.all(row[:n] != 0)
         # Bucketing: a batch never mixes very short and very long reviews.
         assert lengths.max() <= 1.5 * max(lengths.min(), 16) + 1
 
