@@ -3,8 +3,8 @@
 Both sides train the same model size on the same reviews, on the same machine, in one run:
 (a) baseline: TextVectorization inside the model, every review padded to `max_length`,
     no cache; (b) this pipeline: ids vectorized once and cached, length-bucketed batches.
-Reported: training examples/s and seconds per epoch (each epoch, and the steady state
-after the first), test accuracy after the same epochs, the exported SavedModel's batch
+Reported: training examples/s (the fastest epoch after the first, and over all epochs)
+and seconds per epoch, test accuracy after the same epochs, the exported SavedModel's batch
 throughput against the in-memory model, single-review latency, and peak memory.
 """
 
@@ -27,7 +27,7 @@ from pipeline.config import Config
 from pipeline.export import export_model, in_memory_predict
 from pipeline.model import build_model, model_kwargs
 from pipeline.train import seed_everything
-from pipeline.vectorize import adapt_vectorizer, standardize, vectorize_split
+from pipeline.vectorize import adapt_vectorizer, standardize, texts_to_padded_ids, vectorize_split
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -60,11 +60,15 @@ def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
 def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
     timer = EpochTimer()
     model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
+    # Epoch times on this shared VM swing by up to 2x from one epoch to the next, so the
+    # headline is the fastest epoch after the first (as timeit takes the best of repeats).
     steady = timer.seconds[1:] or timer.seconds
     return {
         "seconds_per_epoch": [round(s, 2) for s in timer.seconds],
-        "steady_seconds_per_epoch": round(float(np.mean(steady)), 2),
-        "train_examples_per_s": round(n_examples / float(np.mean(steady)), 1),
+        "best_steady_seconds_per_epoch": round(float(np.min(steady)), 2),
+        "train_examples_per_s": round(n_examples / float(np.min(steady)), 1),
+        # Every epoch, first included: (b)'s one-off tokenizing and caching count against it.
+        "all_epochs_examples_per_s": round(n_examples * epochs / float(np.sum(timer.seconds)), 1),
     }
 
 
@@ -107,8 +111,9 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     result["pipeline"] = _fit(model, train_ds, epochs, n)
     result["pipeline"]["test_accuracy"] = _accuracy(
         in_memory_predict(vectorizer, model, texts, cfg.vectorize.max_length), labels)
-    result["train_speedup"] = round(result["pipeline"]["train_examples_per_s"]
-                                    / result["baseline"]["train_examples_per_s"], 2)
+    a, b = result["baseline"], result["pipeline"]
+    result["train_speedup"] = round(b["train_examples_per_s"] / a["train_examples_per_s"], 2)
+    result["all_epochs_speedup"] = round(b["all_epochs_examples_per_s"] / a["all_epochs_examples_per_s"], 2)
 
     # Serving: the exported SavedModel against the in-memory model, same texts and batches.
     out = Path(tempfile.mkdtemp(prefix="bench-export-"))
@@ -117,7 +122,11 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
         exported = export_model(vectorizer, model, export_cfg, texts[:32])
         serve = tf.saved_model.load(exported.path).signatures["serving_default"]
         saved_fn = lambda xs: serve(text=tf.constant(xs))["probability"].numpy()  # noqa: E731
-        keras_fn = lambda xs: in_memory_predict(vectorizer, model, xs, cfg.vectorize.max_length)  # noqa: E731
+        # The in-memory side gets the same advantage as the export: one traced graph, not eager calls.
+        in_memory = tf.function(
+            lambda t: model(texts_to_padded_ids(vectorizer, t, cfg.vectorize.max_length), training=False),
+            input_signature=[tf.TensorSpec([None], tf.string)])
+        keras_fn = lambda xs: in_memory(tf.constant(xs)).numpy()  # noqa: E731
         saved_rate, keras_rate = _throughput(saved_fn, texts, 256), _throughput(keras_fn, texts, 256)
         short = "A wonderful film."
         saved_fn([short])
@@ -161,16 +170,21 @@ def markdown_table(r: dict) -> str:
     rows = [
         "| measure | (a) tutorial baseline | (b) this pipeline |",
         "| --- | --- | --- |",
-        f"| training examples/s (steady) | {a['train_examples_per_s']} | {b['train_examples_per_s']} |",
+        f"| training examples/s (fastest epoch after the first) | {a['train_examples_per_s']} | "
+        f"{b['train_examples_per_s']} |",
+        f"| training examples/s (all epochs, first included) | {a['all_epochs_examples_per_s']} | "
+        f"{b['all_epochs_examples_per_s']} |",
         f"| seconds per epoch (each) | {a['seconds_per_epoch']} | {b['seconds_per_epoch']} |",
         f"| test accuracy after {r['epochs']} epochs | {a['test_accuracy']:.4f} | {b['test_accuracy']:.4f} |",
         "",
-        f"Training throughput ratio (b)/(a): **{r['train_speedup']}x**.",
+        f"Training throughput ratio (b)/(a): **{r['train_speedup']}x** (fastest epochs after the first); "
+        f"{r['all_epochs_speedup']}x over all epochs.",
         "",
         "| serving (exported model of (b)) | value |",
         "| --- | --- |",
         f"| SavedModel batch throughput (batch 256) | {s['savedmodel_examples_per_s']} examples/s |",
-        f"| in-memory Keras model, same batches | {s['keras_examples_per_s']} examples/s |",
+        f"| in-memory Keras model (vectorizer + model in one tf.function), same batches | "
+        f"{s['keras_examples_per_s']} examples/s |",
         f"| SavedModel / Keras | {s['savedmodel_vs_keras']}x |",
         f"| one short review, latency p50 / p95 | {s['short_review_latency_ms']['p50']} / "
         f"{s['short_review_latency_ms']['p95']} ms |",

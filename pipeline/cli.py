@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--train-examples", type=int, default=5000, help="training reviews both sides see")
     p.add_argument("--test-examples", type=int, default=2000, help="test reviews for accuracy and serving")
-    p.add_argument("--epochs", type=int, default=2, help="epochs each side trains (the first warms up)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs each side trains (the first warms up)")
     p.add_argument("--json", default="bench_results/bench.json", help="where the figures go")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose bench table is replaced")
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.vectorize import standardize
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def embedding_matrix(cfg: Config, vocabulary: list[str]) -> np.ndarray:
     dim = cfg.model.embedding_dim
     found = [w for w in vocabulary if w in lookup]
     if found and len(lookup[found[0]]) != dim:
-        raise ValueError(f"model.embedding_dim is {dim} but the {source} vectors have "
+        raise ConfigError(f"model.embedding_dim is {dim} but the {source} vectors have "
                          f"{len(lookup[found[0]])} dimensions")
     rng = np.random.default_rng(cfg.seed)
     scale = float(np.std([lookup[w] for w in found])) if found else 0.05
