@@ -213,12 +213,16 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "export": _export, "check-config": _check_config}
-COMMANDS["pretrain"] = _pretrain
-COMMANDS["bench"] = _bench
-COMMANDS["train-workers"] = _train_workers
-COMMANDS["tune"] = _tune
-COMMANDS["predict"] = _predict
+COMMANDS = {
+    "train": _train,
+    "train-workers": _train_workers,
+    "export": _export,
+    "tune": _tune,
+    "pretrain": _pretrain,
+    "predict": _predict,
+    "bench": _bench,
+    "check-config": _check_config,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,11 +75,13 @@ def seed_everything(cfg: Config) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when it does not exist yet."""
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """Write via a temp file and rename, so a kill never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -91,7 +93,7 @@ def open_run_dir(cfg: Config, fresh: bool) -> tuple[Path, bool]:
     fingerprint = cfg.fingerprint()
     if not fresh and root.is_dir():
         for run_dir in sorted(root.glob(f"[!.]*-{fingerprint}"), reverse=True):  # not worker temps
-            if _read_json(run_dir / RUN_FILE).get("status") == "running":
+            if read_json(run_dir / RUN_FILE).get("status") == "running":
                 return run_dir, True
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = root / f"{stamp}-{fingerprint}"
@@ -121,7 +123,7 @@ def latest_finished_run(cfg: Config) -> Path:
     """The newest run directory of this model name whose training finished."""
     root = Path(cfg.runs_dir) / cfg.name
     for run_dir in sorted(root.glob("[!.]*-*"), reverse=True):
-        if _read_json(run_dir / RUN_FILE).get("status") in ("finished", "trained"):
+        if read_json(run_dir / RUN_FILE).get("status") in ("finished", "trained"):
             return run_dir
     raise FileNotFoundError(f"no finished run under {root}: run `make train` first")
 
@@ -147,7 +149,7 @@ def _best_so_far(history: Path, monitor: str) -> float | None:
 
 def restored_epoch(run_dir: Path) -> int:
     """Epochs completed according to the BackupAndRestore state (what `fit` resumes after)."""
-    meta = _read_json(run_dir / BACKUP_DIR / "training_metadata.json")
+    meta = read_json(run_dir / BACKUP_DIR / "training_metadata.json")
     return int(meta.get("epoch", 0))
 
 
@@ -218,16 +220,16 @@ class SeedStateBackup(keras.callbacks.Callback):
         if self._restored:
             return
         self._restored = True
-        saved, states = _read_json(self._path).get(str(epoch)), self._states()
+        saved, states = read_json(self._path).get(str(epoch)), self._states()
         if saved and len(saved) == len(states):
             for var, value in zip(states, saved, strict=True):
                 var.assign(np.asarray(value, dtype=var.dtype))
 
     def on_epoch_end(self, epoch, logs=None):
-        saved = {k: v for k, v in _read_json(self._path).items() if int(k) >= epoch}
+        saved = {k: v for k, v in read_json(self._path).items() if int(k) >= epoch}
         saved[str(epoch + 1)] = [np.asarray(var).tolist() for var in self._states()]
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(self._path, saved)
+        write_json(self._path, saved)
 
 
 def skip_epochs(train_ds: tf.data.Dataset, epochs: int) -> None:
@@ -347,13 +349,13 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     log.info("%s %s in %s", "resuming" if resumed else "new",
              "run" if chief else f"{task_name()} scratch dir", run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
-    info = _read_json(run_dir / RUN_FILE) | {
+    info = read_json(run_dir / RUN_FILE) | {
         "status": "running", "fingerprint": cfg.fingerprint(),
         "hyperparameters_from": provenance or {"source": "config"},
         "strategy": strategy_name(strategy), "replicas": strategy.num_replicas_in_sync,
         "workers": num_workers() if multi_worker else 1,
     }
-    _write_json(run_dir / RUN_FILE, info)
+    write_json(run_dir / RUN_FILE, info)
 
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     sizes = data_mod.check_nonempty(raw)
@@ -394,7 +396,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
     info |= {"global_batch": global_batch, "learning_rate": lr, "data_sizes": sizes,
              "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
-    _write_json(run_dir / RUN_FILE, info)
+    write_json(run_dir / RUN_FILE, info)
 
     verbose = cfg.train.verbose if cfg.train.verbose is not None else (1 if sys.stdout.isatty() else 2)
     t_fit = time.time()
@@ -411,13 +413,13 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
                      done + 1, cfg.train.epochs, done, run_dir / BACKUP_DIR)
             skip_epochs(train_ds, done)
         info |= {"started_at_epoch": done + 1}
-        _write_json(run_dir / RUN_FILE, info)
+        write_json(run_dir / RUN_FILE, info)
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
                             callbacks=make_callbacks(cfg, run_dir), verbose=verbose)
         tidy_history(run_dir / HISTORY_FILE, cfg.train.epochs)
         # fit_complete: a kill from here on resumes at the evaluation, not at training.
         info |= {"fit_complete": True, "epochs_run_this_session": len(history.epoch)}
-        _write_json(run_dir / RUN_FILE, info)
+        write_json(run_dir / RUN_FILE, info)
     fit_seconds = time.time() - t_fit
 
     if not chief:
@@ -434,9 +436,9 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
 
     log.info("evaluating on %d test reviews", sizes["test"])
     metrics = evaluate(model, test_ds)
-    _write_json(run_dir / METRICS_FILE, metrics)
+    write_json(run_dir / METRICS_FILE, metrics)
     info |= {"status": "trained", "fit_seconds_this_session": round(fit_seconds, 1)}
-    _write_json(run_dir / RUN_FILE, info)
+    write_json(run_dir / RUN_FILE, info)
 
     result = None
     if export and chief:
@@ -444,7 +446,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         save_result(result, run_dir / EXPORT_FILE)
     info |= {"status": "finished", "total_seconds_this_session": round(time.time() - t0, 1),
              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    _write_json(run_dir / RUN_FILE, info)
+    write_json(run_dir / RUN_FILE, info)
     return RunResult(run_dir, metrics, result)
 
 

@@ -42,7 +42,7 @@ from pipeline import data as data_mod
 from pipeline.config import Config, ConfigError, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy
 from pipeline.model import build_model, model_kwargs
-from pipeline.train import seed_everything
+from pipeline.train import read_json, seed_everything, write_json
 from pipeline.vectorize import adapt_vectorizer, batch_ids, vectorize_cached
 
 log = logging.getLogger(__name__)
@@ -257,30 +257,20 @@ def search_fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def prepare_output(cfg: Config, out: Path, fresh: bool) -> None:
     """Start over (`fresh`), or check that an existing search was made with the same settings."""
     fingerprint = search_fingerprint(cfg)
     if fresh and out.exists():
         log.info("--fresh: removing the earlier search in %s", out)
         shutil.rmtree(out)
-    if (out / PROJECT).exists() and _read_json(out / SEARCH_FILE).get("fingerprint") != fingerprint:
+    if (out / PROJECT).exists() and read_json(out / SEARCH_FILE).get("fingerprint") != fingerprint:
         raise ConfigError(
             f"tune: {out} holds a search made with other settings (data, vectorize, model, train, "
             "seed, tune.tuner or tune.epochs differ): rerun with --fresh to start over, or set "
             "another tune.directory")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    _write_json(out / SEARCH_FILE, _read_json(out / SEARCH_FILE) | {
+    write_json(out / SEARCH_FILE, read_json(out / SEARCH_FILE) | {
         "name": cfg.name, "fingerprint": fingerprint, "tuner": cfg.tune.tuner, "objective": OBJECTIVE,
         "status": "running", "session_started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -377,7 +367,7 @@ def run_search(cfg: Config, fresh: bool = False) -> TuneResult:
             log.info("%s: asking the chief at %s:%s for trials", os.environ["KERASTUNER_TUNER_ID"],
                      os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"])
         else:
-            _write_json(out / SEARCH_FILE, _read_json(out / SEARCH_FILE) | {
+            write_json(out / SEARCH_FILE, read_json(out / SEARCH_FILE) | {
                 "data_sizes": sizes, "vocabulary_size": vocab_size,
                 "strategy": type(strategy).__name__, "replicas": replicas})
         tuner.search(make_train, validation_data=val_ds, epochs=cfg.tune.epochs,
@@ -391,7 +381,7 @@ def run_search(cfg: Config, fresh: bool = False) -> TuneResult:
         record = {"tuner_id": tuner_id, "trained": tuner.session_trials,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (out / "workers").mkdir(parents=True, exist_ok=True)
-        _write_json(out / "workers" / f"{tuner_id}.json", record)
+        write_json(out / "workers" / f"{tuner_id}.json", record)
         return TuneResult(out, who, tuner_id, space, [], tuner.session_trials, [])
 
     rows = ranked_rows(tuner.oracle, space)
@@ -520,13 +510,13 @@ def write_hparams_config(logs: Path, space: dict[str, list]) -> None:
 def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
     """results.csv / .md / .png, best_hparams.json, search.json and the HParams experiment."""
     out, rows = result.out_dir, result.rows
-    info = _read_json(out / SEARCH_FILE)
+    info = read_json(out / SEARCH_FILE)
     info |= {"status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "space": result.space, "epochs_per_trial": cfg.tune.epochs,
              "trials": {"finished": len(rows), "failed": len(result.failed),
                         "all": len(oracle.trials), "this_session": len(result.trained)},
              "failed": result.failed, "best": result.best}
-    _write_json(out / SEARCH_FILE, info)
+    write_json(out / SEARCH_FILE, info)
     write_hparams_config(out / LOGS_DIR, result.space)
     if not rows:
         return
@@ -549,7 +539,7 @@ def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
     plot_results(rows, out / "results.png")
     # Written last: its presence means the report above is complete.
     hps = oracle.trials[best["trial_id"]].hyperparameters
-    _write_json(out / BEST_FILE, hps.get_config())
+    write_json(out / BEST_FILE, hps.get_config())
 
 
 def summary(result: TuneResult) -> str:
@@ -605,7 +595,7 @@ def apply_tuned(cfg: Config) -> tuple[Config, dict]:
     d = cfg.to_dict()
     d["model"] |= values | {"tuned_hparams": str(path)}
     tuned = from_dict(d)
-    search = _read_json(path.parent / SEARCH_FILE)
+    search = read_json(path.parent / SEARCH_FILE)
     provenance = {"source": "tuning", "file": str(path), "values": values,
                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if search.get("best"):
