@@ -235,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # multi-worker logs every collective
     warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
     from pipeline.data import DataError
+    from pipeline.export import ExportError
 
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, ExportError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

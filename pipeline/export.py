@@ -44,6 +44,10 @@ json.dump(out.numpy().astype(float).tolist(), sys.stdout)
 """
 
 
+class ExportError(RuntimeError):
+    """The export could not be written or did not pass its reload check; nothing was published."""
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: str
@@ -112,7 +116,7 @@ def reload_predict(export_path: Path, texts: list[str]) -> np.ndarray:
         os.unlink(f.name)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"reloading the export failed: {tail[0]}")
+        raise ExportError(f"reloading the export failed: {tail[0]}")
     return np.asarray(json.loads(proc.stdout), dtype=np.float64)
 
 
@@ -152,7 +156,7 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
         got = reload_predict(tmp_path, check_texts)
         diff = float(np.max(np.abs(expected - got)))
         if not np.all(np.isfinite(got)) or diff > cfg.export.verify_tolerance:
-            raise RuntimeError(f"export check failed: reloaded predictions differ by {diff:.3g} "
+            raise ExportError(f"export check failed: reloaded predictions differ by {diff:.3g} "
                                f"(tolerance {cfg.export.verify_tolerance:g})")
         path, version = publish(tmp_path, model_dir)
     except BaseException:

@@ -192,3 +192,14 @@ def test_serving_signature_takes_any_text(trained_run):
         assert r["shape"] == [r["n"]] and r["dtype"] == "float32", name
         assert r["finite"] and 0.0 <= r["min"] <= r["max"] <= 1.0, (name, r)
     assert report["batch_of_10000"]["n"] == 10000 and report["batch_of_one"]["n"] == 1
+
+
+def test_cli_reports_a_failed_export_check_in_one_line(imdb_dir, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setattr(pipeline.export, "reload_predict", lambda path, texts: np.full(len(texts), 2.0))
+    args = [a for item in tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=1"] for a in ("--set", item)]
+    assert main(["train", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export check failed" in err
+    assert not existing_versions(tmp_path / "saved_models" / "tiny")
