@@ -96,12 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline.export import ExportError
     from pipeline.train import train
 
     # JSON quoting keeps the path a string when read as YAML.
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
-    result = train(cfg, fresh=args.fresh, export=not args.no_export)
+    try:
+        result = train(cfg, fresh=args.fresh, export=not args.no_export)
+    except ExportError as exc:  # nothing was published; the trained run stays for `export`
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0
@@ -119,11 +124,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import ExportError
     from pipeline.train import export_run, latest_finished_run
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
-    result = export_run(run_dir, export_dir=cfg.export.dir)
+    try:
+        result = export_run(run_dir, export_dir=cfg.export.dir)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"exported {run_dir} -> {result.path} (version {result.version}; reloaded "
           f"predictions within {result.max_abs_diff:.2g})")
     return 0
@@ -235,14 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # multi-worker logs every collective
     warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
     from pipeline.data import DataError
-    from pipeline.export import ExportError
 
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, ExportError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -185,7 +185,38 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
         strategy = self.model.distribute_strategy
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             self._agree_on_epoch(strategy)
-        super().on_train_begin(logs)
+        try:
+            super().on_train_begin(logs)
+        except ValueError:
+            # A weights file cut short loads as ValueError, which Keras' own fallback (OSError
+            # only) misses: resume from the previous copy instead of failing.
+            if not Path(self._prev_weights_path).is_file():
+                raise
+            log.warning("the latest backup is unreadable; resuming from the one before it")
+            shutil.copyfile(self._prev_weights_path, self._weights_path)
+            if Path(self._prev_training_metadata_path).is_file():
+                shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+            self._load_model()
+
+    def _save_model(self):
+        """Keras' save, but each file is written under a temporary name and renamed.
+
+        Keras writes the backup in place, so a Ctrl-C or kill mid-write leaves a file
+        that cannot be loaded; a rename is all or nothing.
+        """
+        os.makedirs(self.backup_dir, exist_ok=True)
+        if self.double_checkpoint and os.path.exists(self._weights_path):
+            shutil.copyfile(self._weights_path, self._prev_weights_path + ".partial")
+            os.replace(self._prev_weights_path + ".partial", self._prev_weights_path)
+            if os.path.exists(self._training_metadata_path):
+                shutil.copyfile(self._training_metadata_path, self._prev_training_metadata_path)
+        partial = self._weights_path.removesuffix(".weights.h5") + ".partial.weights.h5"
+        self.model.save_weights(partial, overwrite=True)
+        os.replace(partial, self._weights_path)
+        meta = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        with open(self._training_metadata_path + ".partial", "w") as f:
+            f.write(json.dumps(meta))
+        os.replace(self._training_metadata_path + ".partial", self._training_metadata_path)
 
     def _agree_on_epoch(self, strategy: tf.distribute.Strategy) -> None:
         mine = self._saved_epoch()

@@ -206,3 +206,26 @@ def test_two_workers_train_together_survive_a_crash_and_leave_one_run(imdb_dir, 
     assert [int(r["epoch"]) for r in rows] == list(range(len(rows)))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert json.loads((run / "export.json").read_text())["version"] == 1
+
+
+def test_backup_is_written_atomically_and_a_truncated_one_falls_back(tmp_path):
+    import numpy as np
+
+    from pipeline.distribute import WorkerBackupAndRestore
+    from pipeline.model import build_model
+
+    x, y = np.array([[2, 3, 4], [5, 6, 0]]), np.array([1.0, 0.0])
+    model = build_model(10, embedding_dim=4, lstm_units=2)
+    backup = WorkerBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True,
+                                    delete_checkpoint=False)  # keep it, as a kill would
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[backup])
+    files = sorted(p.name for p in (tmp_path / "backup").iterdir())
+    assert not [f for f in files if "partial" in f]  # temp names are renamed into place
+    # Simulate a kill mid-write of the latest copy: the epoch-1 copy must be used instead.
+    latest = tmp_path / "backup" / "latest.weights.h5"
+    latest.write_bytes(latest.read_bytes()[:200])
+    fresh = build_model(10, embedding_dim=4, lstm_units=2)
+    restore = WorkerBackupAndRestore(str(tmp_path / "backup"), double_checkpoint=True)
+    restore.set_model(fresh)
+    restore.on_train_begin()
+    assert fresh._initial_epoch == 1
