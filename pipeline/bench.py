@@ -84,6 +84,18 @@ def _throughput(fn, texts: list[str], batch: int) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
+def _latency_ms(fn, text: str, repeats: int) -> dict:
+    """p50 and p95 of one-review calls, after one warm-up call."""
+    fn([text])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn([text])
+        times.append((time.perf_counter() - t0) * 1000)
+    p50, p95 = np.percentile(times, [50, 95])
+    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2)}
+
+
 def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int) -> dict:
     seed_everything(cfg)
     raw = data_mod.load_raw(cfg.data, cfg.seed)
@@ -128,31 +140,17 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
             input_signature=[tf.TensorSpec([None], tf.string)])
         keras_fn = lambda xs: in_memory(tf.constant(xs)).numpy()  # noqa: E731
         saved_rate, keras_rate = _throughput(saved_fn, texts, 256), _throughput(keras_fn, texts, 256)
-        short = "A wonderful film."
-        saved_fn([short])
-        latencies = []
-        for _ in range(200):
-            t0 = time.perf_counter()
-            saved_fn([short])
-            latencies.append((time.perf_counter() - t0) * 1000)
+        short_ms = _latency_ms(saved_fn, "A wonderful film.", 200)
         long_review = max(texts, key=len)
-        saved_fn([long_review])
-        long_lat = []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            saved_fn([long_review])
-            long_lat.append((time.perf_counter() - t0) * 1000)
+        long_ms = _latency_ms(saved_fn, long_review, 50)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     result["serving"] = {
         "savedmodel_examples_per_s": round(saved_rate, 1),
         "keras_examples_per_s": round(keras_rate, 1),
         "savedmodel_vs_keras": round(saved_rate / keras_rate, 2),
-        "short_review_latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),
-                                    "p95": round(float(np.percentile(latencies, 95)), 2)},
-        "longest_review_latency_ms": {"p50": round(float(np.percentile(long_lat, 50)), 2),
-                                      "p95": round(float(np.percentile(long_lat, 95)), 2),
-                                      "chars": len(long_review)},
+        "short_review_latency_ms": short_ms,
+        "longest_review_latency_ms": long_ms | {"chars": len(long_review)},
     }
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
