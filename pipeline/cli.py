@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, PipelineError, load_config
 
 log = logging.getLogger("pipeline")
 
@@ -96,17 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.export import ExportError
     from pipeline.train import train
 
     # JSON quoting keeps the path a string when read as YAML.
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
-    try:
-        result = train(cfg, fresh=args.fresh, export=not args.no_export)
-    except ExportError as exc:  # nothing was published; the trained run stays for `export`
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = train(cfg, fresh=args.fresh, export=not args.no_export)
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0
@@ -124,16 +119,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import ExportError
     from pipeline.train import export_run, latest_finished_run
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
-    try:
-        result = export_run(run_dir, export_dir=cfg.export.dir)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = export_run(run_dir, export_dir=cfg.export.dir)
     print(f"exported {run_dir} -> {result.path} (version {result.version}; reloaded "
           f"predictions within {result.max_abs_diff:.2g})")
     return 0
@@ -184,10 +174,7 @@ def _tune(args: argparse.Namespace) -> int:
         tune.set_role("worker", *args.worker, tuner_id=args.tuner_id)
     try:
         result = tune.run_search(cfg, fresh=args.fresh)
-    except tune.TuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the tuning resume hint differs from training's
         print("\ninterrupted: rerun the same command to resume; finished trials are kept and the "
               "interrupted one is rerun (--fresh starts over)", file=sys.stderr)
         return 130
@@ -244,14 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # tfds logs every file it opens
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # multi-worker logs every collective
     warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
-    from pipeline.data import DataError
-
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError) as exc:
+    except (PipelineError, FileNotFoundError) as exc:  # data, export and tuning errors alike
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,6 +15,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+class PipelineError(RuntimeError):
+    """A failure the user can act on (bad data, a failed export check, ...): one line, exit 1.
+
+    Defined here, in a module without TensorFlow, so the CLI can catch every stage's
+    error without importing the stages.
+    """
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, PipelineError
 
 CLASS_NAMES = ("neg", "pos")  # label 0, label 1, as in tfds imdb_reviews
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError):
     """Data that cannot be read; the message says what to do."""
 
 

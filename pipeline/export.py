@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import Config
+from pipeline.config import Config, PipelineError
 from pipeline.model import build_model, model_kwargs
 from pipeline.vectorize import texts_to_padded_ids
 
@@ -44,7 +44,7 @@ json.dump(out.numpy().astype(float).tolist(), sys.stdout)
 """
 
 
-class ExportError(RuntimeError):
+class ExportError(PipelineError):
     """The export could not be written or did not pass its reload check; nothing was published."""
 
 

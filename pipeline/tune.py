@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
-from pipeline.config import Config, ConfigError, TuneConfig, from_dict, save_config
+from pipeline.config import Config, ConfigError, PipelineError, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy
 from pipeline.model import build_model, model_kwargs
 from pipeline.train import read_json, seed_everything, write_json
@@ -58,7 +58,7 @@ RUNNING, IDLE, STOPPED = (kt.engine.trial.TrialStatus.RUNNING, kt.engine.trial.T
                           kt.engine.trial.TrialStatus.STOPPED)
 
 
-class TuneError(RuntimeError):
+class TuneError(PipelineError):
     """A search that produced nothing usable; the message says what happened."""
 
 
