@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--run", default=None, help="run directory (default: the latest finished run)")
 
-    p = sub.add_parser("pretrain", help="train word2vec embeddings on the unlabelled reviews (cached)")
+    p = sub.add_parser("pretrain", help="train the config's pretrained start (word2vec vectors or language "
+                                        "models) on the unlabelled reviews (cached)")
     _config_args(p)
 
     p = sub.add_parser("bench", help="time this pipeline against the tutorial-style baseline")
@@ -130,10 +131,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from pipeline.pretrain import train_word2vec
-
     cfg = load_config(args.config, _overrides(args))
-    print(f"word2vec vectors: {train_word2vec(cfg)}")
+    if cfg.model.embedding_init == "lm":
+        from pipeline.lm import train_lm
+
+        print(f"language models: {train_lm(cfg)}")
+    else:
+        from pipeline.pretrain import train_word2vec
+
+        print(f"word2vec vectors: {train_word2vec(cfg)}")
     return 0
 
 

@@ -59,13 +59,18 @@ class ModelConfig(_Section):
     lstm_units: int = Field(64, gt=0)
     bidirectional: bool = True
     num_layers: int = Field(1, ge=1, le=4)
-    pooling: Literal["last", "mean", "max"] = "last"  # how the LSTM outputs become one vector
+    # how the LSTM outputs become one vector; concat: max and mean side by side
+    pooling: Literal["last", "mean", "max", "concat"] = "last"
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drops whole embedding channels
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
     learning_rate: float = Field(1e-3, gt=0.0)
-    embedding_init: Literal["random", "word2vec", "file"] = "random"
+    # lm: embedding and LSTM from forward/backward language models (pipeline/lm.py)
+    embedding_init: Literal["random", "word2vec", "file", "lm"] = "random"
     embedding_file: str | None = None  # GloVe/word2vec text file for embedding_init=file
     embedding_trainable: bool = True  # False freezes pretrained vectors
+    # Learning-rate multiplier for the pretrained embedding and LSTM (embedding_init: lm) once
+    # train.freeze_pretrained_epochs are over: < 1 keeps more of what pretraining learned.
+    pretrained_lr_scale: float = Field(1.0, ge=0.0)
     # best_hparams.json from `make tune` (or its folder, or "latest"): its values override these.
     tuned_hparams: str | None = None
 
@@ -73,6 +78,9 @@ class ModelConfig(_Section):
     def _file_init_needs_path(self) -> ModelConfig:
         if self.embedding_init == "file" and not self.embedding_file:
             raise ValueError("embedding_file: required when embedding_init is 'file'")
+        if self.embedding_init == "lm" and self.num_layers != 1:
+            # The language models have one LSTM layer per direction: nothing to start layer 2 from.
+            raise ValueError(f"num_layers: embedding_init 'lm' needs 1 (got {self.num_layers})")
         return self
 
 
@@ -82,6 +90,9 @@ class TrainConfig(_Section):
     lr_scaling: Literal["fixed", "linear"] = "fixed"  # linear: lr x replicas
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     early_stopping_patience: int = Field(2, ge=0)
+    # Epochs that train only the layers after the pretrained ones (embedding_init: lm), so a
+    # random head does not wreck the language models' weights with its first large gradients.
+    freeze_pretrained_epochs: int = Field(0, ge=0)
     shuffle_buffer: int = Field(25000, gt=0)
     bucket_by_length: bool = True  # batch similar lengths so the LSTM skips padding
     deterministic: bool = True  # same seed, same metrics (costs a little speed)
@@ -134,6 +145,14 @@ class PretrainConfig(_Section):
     epochs: int = Field(5, gt=0)
     workers: int = Field(2, gt=0)  # gensim threads; this machine has 2 cores
     directory: str = "pretrained"  # cached vectors, keyed by their settings
+    # Language models (model.embedding_init: lm); sizes come from model.embedding_dim/lstm_units.
+    lm_epochs: int = Field(1, gt=0)  # passes over the unlabelled + training reviews
+    lm_sequence_length: int = Field(64, gt=1)  # tokens per window (backprop through time)
+    lm_batch_size: int = Field(128, gt=0)
+    lm_sampled_softmax: int = Field(1024, gt=0)  # negatives per step; the full softmax is 30k wide
+    lm_learning_rate: float = Field(2e-3, gt=0.0)
+    lm_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lm_validation_reviews: int = Field(500, ge=0)  # held-out unlabelled reviews for perplexity
 
 
 class Config(_Section):

@@ -24,10 +24,15 @@ def build_model(
     learning_rate: float = 1e-3,
     embedding_matrix: np.ndarray | None = None,
     embedding_trainable: bool = True,
+    lstm_weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+    pretrained_lr_scale: float = 1.0,
     use_cudnn: bool | str = "auto",
 ) -> keras.Model:
     """Build and compile the model on right-padded int64 token ids of any length.
 
+    `lstm_weights` (forward, backward) start the first LSTM layer from language models.
+    The pretrained layers (the embedding when `embedding_matrix` is given, that LSTM
+    layer when `lstm_weights` are) learn at `pretrained_lr_scale` x the rate (`LayerwiseAdam`).
     `use_cudnn=False` gives a graph that runs anywhere; the export uses it so a
     model trained on a GPU still serves on a CPU-only host.
     """
@@ -53,14 +58,29 @@ def build_model(
         x = keras.layers.GlobalAveragePooling1D(name="mean_pool")(x)  # mask-aware
     elif pooling == "max":
         x = MaskedMaxPooling1D(name="max_pool")(x)
+    elif pooling == "concat":  # ULMFiT's concat pooling, less the last state (both ends for a BiLSTM)
+        x = keras.layers.Concatenate(name="concat_pool")([
+            MaskedMaxPooling1D(name="max_pool")(x),
+            keras.layers.GlobalAveragePooling1D(name="mean_pool")(x)])
     if dropout:
         x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 output keeps the sigmoid stable under mixed precision.
     probability = keras.layers.Dense(1, activation="sigmoid", dtype="float32",
                                      name="probability")(x)
     model = keras.Model(token_ids, probability, name="sentiment_lstm")
+    pretrained = ("embedding",) if embedding_matrix is not None else ()
+    if lstm_weights is not None:
+        first = model.get_layer("bilstm_0" if bidirectional else "lstm_0")
+        forward, backward = lstm_weights
+        if bidirectional:
+            first.forward_layer.set_weights(forward)
+            first.backward_layer.set_weights(backward)
+        else:
+            first.set_weights(forward)
+        pretrained += (first.name,)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=LayerwiseAdam(learning_rate=learning_rate, pretrained=pretrained,
+                                pretrained_scale=pretrained_lr_scale),
         loss="binary_crossentropy",
         metrics=[
             keras.metrics.BinaryAccuracy(name="accuracy"),
@@ -71,6 +91,55 @@ def build_model(
         jit_compile=False,  # variable-length batches would recompile; XLA skips cuDNN anyway
     )
     return model
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class LayerwiseAdam(keras.optimizers.Adam):
+    """Adam whose steps for the pretrained layers are scaled (ULMFiT's discriminative rates).
+
+    `pretrained_scale` multiplies the learning rate of every variable of the layers named
+    in `pretrained`: 0 freezes them while a new head learns to read them, a value below 1
+    fine-tunes them gently, so what pretraining learned is adjusted rather than overwritten.
+    A callback (`PretrainedSchedule`) sets it per epoch. With no pretrained layers this
+    is plain Adam.
+    """
+
+    def __init__(self, pretrained: tuple[str, ...] = (), pretrained_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.pretrained = tuple(pretrained)
+        self.pretrained_scale = keras.Variable(pretrained_scale, trainable=False, dtype="float32",
+                                               name="pretrained_scale")
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        # By index, as Adam finds its own slots: update_step may get the backend's variable.
+        self._pretrained_index = {i for i, v in enumerate(variables)
+                                  if v.path.split("/")[0] in self.pretrained}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._get_variable_index(variable) in self._pretrained_index:
+            learning_rate = learning_rate * keras.ops.cast(self.pretrained_scale, learning_rate.dtype)
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return super().get_config() | {"pretrained": list(self.pretrained),
+                                       "pretrained_scale": float(self.pretrained_scale.numpy())}
+
+
+class PretrainedSchedule(keras.callbacks.Callback):
+    """Freezes the pretrained layers for the first `freeze_epochs`, then scales their rate.
+
+    Set from the epoch number alone, so a resumed run gets the same schedule.
+    """
+
+    def __init__(self, freeze_epochs: int, scale: float):
+        super().__init__()
+        self.freeze_epochs, self.scale = freeze_epochs, scale
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.pretrained_scale.assign(0.0 if epoch < self.freeze_epochs else self.scale)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -107,4 +176,5 @@ def model_kwargs(cfg: ModelConfig) -> dict:
         dropout=cfg.dropout,
         learning_rate=cfg.learning_rate,
         embedding_trainable=cfg.embedding_trainable,
+        pretrained_lr_scale=cfg.pretrained_lr_scale,
     )

@@ -109,6 +109,20 @@ def read_vectors_file(path: Path) -> dict[str, np.ndarray]:
     return vectors
 
 
+def initial_weights(cfg: Config, vocabulary: list[str]) -> dict:
+    """`build_model`'s pretrained arguments for this config ({} for a random start)."""
+    init = cfg.model.embedding_init
+    if init == "random":
+        return {}
+    if init == "lm":
+        from pipeline.lm import aligned_embedding, load_lm, train_lm
+
+        lm, _ = load_lm(train_lm(cfg))
+        return {"embedding_matrix": aligned_embedding(lm, vocabulary, cfg.seed),
+                "lstm_weights": (lm.forward, lm.backward)}
+    return {"embedding_matrix": embedding_matrix(cfg, vocabulary)}
+
+
 def embedding_matrix(cfg: Config, vocabulary: list[str]) -> np.ndarray:
     """Rows for the vocabulary: pretrained where known, small random otherwise, zero for padding."""
     if cfg.model.embedding_init == "word2vec":
