@@ -36,8 +36,10 @@ from pipeline.distribute import (
     strategy_name,
     task_name,
 )
+from pipeline.embeddings import write_projector
 from pipeline.export import ExportResult, export_model, save_result
-from pipeline.model import build_model, model_kwargs
+from pipeline.model import PretrainedSchedule, build_model, model_kwargs
+from pipeline.pretrain import initial_weights
 from pipeline.vectorize import (
     adapt_vectorizer,
     load_vocabulary,
@@ -257,6 +259,7 @@ def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]
                                patience=cfg.train.early_stopping_patience),
         keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),
+        PretrainedSchedule(cfg.train.freeze_pretrained_epochs, cfg.model.pretrained_lr_scale),
         SeedStateBackup(run_dir / BACKUP_DIR / SEED_STATE_FILE),
         # Resume point after a kill: weights, optimizer and epoch, saved each epoch. Last, so
         # an epoch counts as done only once its history row and best checkpoint are on disk;
@@ -323,14 +326,6 @@ def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
     return reviews + ["", "   ", "!!!", "A wonderful, moving film.", "Dull and far too long."]
 
 
-def embedding_matrix_for(cfg: Config, vocabulary: list[str]) -> np.ndarray | None:
-    if cfg.model.embedding_init == "random":
-        return None
-    from pipeline.pretrain import embedding_matrix
-
-    return embedding_matrix(cfg, vocabulary)
-
-
 def train(cfg: Config, fresh: bool = False, export: bool = True,
           provenance: dict | None = None) -> RunResult:
     """Run the whole pipeline for one config; returns the run dir, test metrics and export."""
@@ -389,10 +384,10 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     lr = cfg.model.learning_rate
     if cfg.train.lr_scaling == "linear":
         lr *= strategy.num_replicas_in_sync
-    matrix = embedding_matrix_for(cfg, vocabulary)
+    pretrained = initial_weights(cfg, vocabulary)
     with strategy.scope():  # only construction and compile belong in the scope
         model = build_model(len(vocabulary), **(model_kwargs(cfg.model) | {"learning_rate": lr}),
-                            embedding_matrix=matrix)
+                            **pretrained)
     fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
     info |= {"global_batch": global_batch, "learning_rate": lr, "data_sizes": sizes,
              "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights))}
@@ -433,6 +428,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         model.load_weights(str(run_dir / BEST_FILE))  # best validation epoch, resume-proof
     model.save_weights(str(run_dir / WEIGHTS_FILE))
     plot_curves(run_dir / HISTORY_FILE, run_dir / CURVES_FILE)
+    write_projector(model.get_layer("embedding").get_weights()[0], vocabulary,
+                    run_dir / "tensorboard" / "embedding")
 
     log.info("evaluating on %d test reviews", sizes["test"])
     metrics = evaluate(model, test_ds)
