@@ -6,6 +6,8 @@ Both sides train the same model size on the same reviews, on the same machine, i
 Reported: training examples/s (the fastest epoch after the first, and over all epochs)
 and seconds per epoch, test accuracy after the same epochs, the exported SavedModel's batch
 throughput against the in-memory model, single-review latency, and peak memory.
+Beside them, (c) the linear peer a user would try first (TF-IDF unigrams + bigrams,
+logistic regression) on the same training and test reviews: the accuracy bar to beat.
 """
 
 from __future__ import annotations
@@ -96,23 +98,60 @@ def _latency_ms(fn, text: str, repeats: int) -> dict:
     return {"p50": round(float(p50), 2), "p95": round(float(p95), 2)}
 
 
+def _decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
+    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in ds.as_numpy_iterator()]
+    return [t for t, _ in pairs], np.array([y for _, y in pairs])
+
+
+def _auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return round(float(roc_auc_score(labels, np.asarray(probs).reshape(-1))), 4)
+
+
+def linear_peer(train_texts: list[str], train_labels: np.ndarray, test_texts: list[str],
+                test_labels: np.ndarray) -> dict:
+    """TF-IDF unigrams + bigrams and logistic regression: test accuracy, AUC, training seconds."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.time()
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    classifier = LogisticRegression(C=8, max_iter=1000)
+    classifier.fit(tfidf.fit_transform(train_texts), train_labels)
+    seconds = time.time() - t0
+    probs = classifier.predict_proba(tfidf.transform(test_texts))[:, 1]
+    return {"test_accuracy": _accuracy(probs, test_labels), "test_auc": _auc(probs, test_labels),
+            "train_seconds": round(seconds, 1)}
+
+
+def run_peer(cfg: Config, train_examples: int | None, test_examples: int | None) -> dict:
+    """The linear peer alone (seconds, not minutes), e.g. on the full splits."""
+    raw = data_mod.load_raw(cfg.data, cfg.seed)
+    train = raw.train.take(train_examples) if train_examples else raw.train
+    test = raw.test.take(test_examples) if test_examples else raw.test
+    (train_texts, train_labels), (texts, labels) = _decoded(train), _decoded(test)
+    return {"train_examples": len(train_texts), "test_examples": len(texts),
+            "peer": linear_peer(train_texts, train_labels, texts, labels)}
+
+
 def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int) -> dict:
     seed_everything(cfg)
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     raw_train = raw.train.take(train_examples).cache()
-    raw_test = raw.test.take(test_examples)
-    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in raw_test.as_numpy_iterator()]
-    texts, labels = [t for t, _ in pairs], np.array([y for _, y in pairs])
+    texts, labels = _decoded(raw.test.take(test_examples))
     n = data_mod.count(raw_train)
     batch = cfg.train.batch_size
     result: dict = {"train_examples": n, "test_examples": len(texts), "epochs": epochs, "batch_size": batch}
+    result["peer"] = linear_peer(*_decoded(raw_train), texts, labels)
 
     # (a) the tutorial's way.
     base = baseline_model(raw_train, cfg)
     base_train = raw_train.shuffle(n, seed=cfg.seed).batch(batch).prefetch(tf.data.AUTOTUNE)
     result["baseline"] = _fit(base, base_train, epochs, n)
     base_probs = base.predict(tf.constant(texts), batch_size=256, verbose=0)
-    result["baseline"]["test_accuracy"] = _accuracy(base_probs, labels)
+    result["baseline"] |= {"test_accuracy": _accuracy(base_probs, labels),
+                           "test_auc": _auc(base_probs, labels)}
     del base
 
     # (b) this pipeline.
@@ -121,8 +160,8 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     train_ds = vectorize_split(raw_train, vectorizer, cfg.vectorize, cfg.train, batch, shuffle_seed=cfg.seed)
     model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
     result["pipeline"] = _fit(model, train_ds, epochs, n)
-    result["pipeline"]["test_accuracy"] = _accuracy(
-        in_memory_predict(vectorizer, model, texts, cfg.vectorize.max_length), labels)
+    probs = in_memory_predict(vectorizer, model, texts, cfg.vectorize.max_length)
+    result["pipeline"] |= {"test_accuracy": _accuracy(probs, labels), "test_auc": _auc(probs, labels)}
     a, b = result["baseline"], result["pipeline"]
     result["train_speedup"] = round(b["train_examples_per_s"] / a["train_examples_per_s"], 2)
     result["all_epochs_speedup"] = round(b["all_epochs_examples_per_s"] / a["all_epochs_examples_per_s"], 2)
@@ -175,6 +214,8 @@ def markdown_table(r: dict) -> str:
         f"| seconds per epoch (each) | {a['seconds_per_epoch']} | {b['seconds_per_epoch']} |",
         f"| test accuracy after {r['epochs']} epochs | {a['test_accuracy']:.4f} | {b['test_accuracy']:.4f} |",
         "",
+        peer_table(r, f"{r['epochs']} epochs"),
+        "",
         f"Training throughput ratio (b)/(a): **{r['train_speedup']}x** (fastest epochs after the first); "
         f"{r['all_epochs_speedup']}x over all epochs.",
         "",
@@ -195,6 +236,20 @@ def markdown_table(r: dict) -> str:
         f"{r['date']}; {m['platform']}, {m['cpus']} CPU device(s), {m['gpus']} GPU(s), "
         f"Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}.",
     ]
+    return "\n".join(rows)
+
+
+def peer_table(r: dict, epochs: str) -> str:
+    """Accuracy beside the linear peer, on the same training and test reviews."""
+    rows = [f"| model ({r['train_examples']} training / {r['test_examples']} test reviews) | "
+            "test accuracy | AUC | training seconds |", "| --- | --- | --- | --- |"]
+    for key, name in (("baseline", f"(a) tutorial baseline, {epochs}"),
+                      ("pipeline", f"(b) this pipeline, {epochs}"),
+                      ("peer", "(c) linear peer: TF-IDF uni+bigrams, logistic regression (C=8)")):
+        if key in r:
+            m = r[key]
+            seconds = m.get("train_seconds", round(sum(m.get("seconds_per_epoch", [])), 1))
+            rows.append(f"| {name} | {m['test_accuracy']:.4f} | {m['test_auc']:.4f} | {seconds} |")
     return "\n".join(rows)
 
 

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="epochs each side trains (the first warms up)")
     p.add_argument("--json", default="bench_results/bench.json", help="where the figures go")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose bench table is replaced")
+    p.add_argument("--peer-only", action="store_true",
+                   help="only the linear peer (TF-IDF bigram logistic regression); 0 examples = all")
 
     p = sub.add_parser("train-workers", help="train with N multi-worker processes on this machine "
                                              "(tries out multi_worker; TF_CONFIG is built for each)")
@@ -144,9 +146,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import markdown_table, run_bench, write_report
+    from pipeline.bench import markdown_table, peer_table, run_bench, run_peer, write_report
 
     cfg = load_config(args.config, _overrides(args))
+    if args.peer_only:  # seconds: the reference figures on whole splits (0 = all reviews)
+        result = run_peer(cfg, args.train_examples or None, args.test_examples or None)
+        print(peer_table(result, ""))
+        return 0
     result = run_bench(cfg, args.train_examples, args.test_examples, args.epochs)
     write_report(result, Path(args.json), Path(args.markdown))
     print(markdown_table(result))

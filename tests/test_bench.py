@@ -1,4 +1,4 @@
-from pipeline.bench import MARK_END, MARK_START, run_bench, write_report
+from pipeline.bench import MARK_END, MARK_START, peer_table, run_bench, run_peer, write_report
 
 
 def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
@@ -9,6 +9,8 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
         assert 0.0 <= result[side]["test_accuracy"] <= 1.0
     assert result["train_speedup"] > 0 and result["serving"]["savedmodel_examples_per_s"] > 0
     assert result["train_examples"] == 60 and result["test_examples"] == 40
+    assert result["peer"]["test_accuracy"] >= 0.8  # separable tiny data: the peer gets it
+    assert result["peer"]["train_seconds"] >= 0
 
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
@@ -18,4 +20,13 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     assert text.count(MARK_START) == 1 and "old" not in text
     assert "notes above" in text and "notes below" in text
     assert f"**{result['train_speedup']}x**" in text
+    assert f"| {result['peer']['test_accuracy']:.4f} | {result['peer']['test_auc']:.4f} |" in text
     assert (tmp_path / "out" / "bench.json").is_file()
+
+
+def test_peer_alone_uses_the_same_splits(tiny_cfg):
+    result = run_peer(tiny_cfg, None, None)
+    assert result["train_examples"] == 90 and result["test_examples"] == 40  # train[:75%] of 120
+    assert result["peer"]["test_accuracy"] >= 0.8 and result["peer"]["test_auc"] >= 0.8
+    table = peer_table(result, "")
+    assert "(c) linear peer" in table and "(a)" not in table
