@@ -113,16 +113,24 @@ class ExportConfig(_Section):
 class TuneConfig(_Section):
     tuner: Literal["grid", "random", "hyperband", "bayesian"] = "grid"
     embedding_dims: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    # Embedding starts to compare, e.g. [random, word2vec]: one curve each. None: model.embedding_init.
+    # Every word2vec candidate starts from vectors of its own size: the leading principal
+    # components of one word2vec run at pretrain.vector_size (default: the largest size).
+    embedding_init: list[Literal["random", "word2vec"]] | None = None
     lstm_units: list[int] | None = None  # None: not searched
     dropout: list[float] | None = None
     learning_rate: list[float] | None = None
     max_trials: int | None = Field(None, gt=0)  # None: the whole grid
     epochs: int = Field(5, gt=0)  # per trial, with early stopping
+    # Training reviews per trial (the same ones for every trial); None: all. The vocabulary
+    # is still adapted on all of them, as in the final run.
+    max_train_examples: int | None = Field(None, gt=0)
     directory: str = "tuning"
 
     @model_validator(mode="after")
     def _candidates(self) -> TuneConfig:
         for key, ok, what in (("embedding_dims", lambda v: v > 0, "a positive integer"),
+                              ("embedding_init", lambda v: True, ""),
                               ("lstm_units", lambda v: v > 0, "a positive integer"),
                               ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
                               ("learning_rate", lambda v: v > 0.0, "positive")):

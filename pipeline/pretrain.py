@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from pipeline import data as data_mod
 from pipeline.config import Config, ConfigError
+from pipeline.embeddings import reduce_dim
 from pipeline.vectorize import standardize
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def _vector_size(cfg: Config) -> int:
 def cache_path(cfg: Config) -> Path:
     """Where the word2vec vectors for this config live (same settings -> same file)."""
     key = {"data": cfg.data.model_dump(exclude={"max_eval_examples"}), "size": _vector_size(cfg),
-           "pretrain": cfg.pretrain.model_dump(exclude={"directory", "vector_size"}),
+           "pretrain": {k: v for k, v in cfg.pretrain.model_dump().items()
+                        if k not in ("directory", "vector_size") and not k.startswith("lm_")},
            "seed": cfg.seed, "tokenizer": 1}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg.pretrain.directory) / f"word2vec-{_vector_size(cfg)}d-{digest}.kv"
@@ -76,14 +78,44 @@ def train_word2vec(cfg: Config) -> Path:
              model.corpus_count, model.corpus_total_words, len(model.wv), p.epochs)
     model.train(sentences, total_examples=model.corpus_count, total_words=model.corpus_total_words,
                 epochs=p.epochs, report_delay=30)
+    _save_vectors(model.wv, path)
+    log.info("word2vec: %d words x %d dims in %.0fs -> %s", len(model.wv), model.wv.vector_size,
+             time.time() - t0, path)
+    return path
+
+
+def _save_vectors(kv, path: Path) -> None:
+    """Save KeyedVectors under a temp name, then rename: a kill never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    model.wv.save(str(tmp))
+    kv.save(str(tmp))
     for extra in tmp.parent.glob(tmp.name + ".*"):  # large arrays may go to side files
         extra.rename(path.with_name(path.name + extra.name[len(tmp.name):]))
     tmp.rename(path)
-    log.info("word2vec: %d words x %d dims in %.0fs -> %s", len(model.wv), model.wv.vector_size,
-             time.time() - t0, path)
+
+
+def word2vec_for_size(cfg: Config, dim: int) -> Path:
+    """word2vec vectors of `dim` dimensions: the trained ones, or their leading principal components.
+
+    One word2vec run at `pretrain.vector_size` starts every smaller embedding size (the
+    candidates of a tuning search); each reduction is cached beside it.
+    """
+    from gensim.models import KeyedVectors
+
+    size = _vector_size(cfg)
+    if dim > size:
+        raise ConfigError(f"pretrain.vector_size: {size}-d word2vec vectors cannot start a {dim}-d "
+                          f"embedding (set it to at least {dim})")
+    base = train_word2vec(cfg)
+    if dim == size:
+        return base
+    path = base.with_name(f"{base.stem}-pca{dim}d.kv")
+    if not path.is_file():
+        kv = KeyedVectors.load(str(base))
+        reduced = KeyedVectors(vector_size=dim)
+        reduced.add_vectors(kv.index_to_key, reduce_dim(kv.vectors, dim))
+        _save_vectors(reduced, path)
+        log.info("word2vec: %d-d vectors reduced to %d-d -> %s", size, dim, path)
     return path
 
 
@@ -128,7 +160,7 @@ def embedding_matrix(cfg: Config, vocabulary: list[str]) -> np.ndarray:
     if cfg.model.embedding_init == "word2vec":
         from gensim.models import KeyedVectors
 
-        kv = KeyedVectors.load(str(train_word2vec(cfg)))
+        kv = KeyedVectors.load(str(word2vec_for_size(cfg, cfg.model.embedding_dim)))
         lookup = {w: kv[w] for w in vocabulary if w in kv.key_to_index}
         source = "word2vec"
     else:

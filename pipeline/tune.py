@@ -41,6 +41,7 @@ import tensorflow as tf
 from pipeline import data as data_mod
 from pipeline.config import Config, ConfigError, PipelineError, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy
+from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.model import build_model, model_kwargs
 from pipeline.train import read_json, seed_everything, write_json
 from pipeline.vectorize import adapt_vectorizer, batch_ids, vectorize_cached
@@ -48,11 +49,14 @@ from pipeline.vectorize import adapt_vectorizer, batch_ids, vectorize_cached
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_accuracy"
-OPTIONAL_KNOBS = ("lstm_units", "dropout", "learning_rate")  # searched when tune.<knob> lists values
+# Searched when tune.<knob> lists values; each is a model.* key.
+OPTIONAL_KNOBS = ("embedding_init", "lstm_units", "dropout", "learning_rate")
 PROJECT = "project"  # the KerasTuner project folder inside the output dir
 BEST_FILE = "best_hparams.json"
 SEARCH_FILE = "search.json"
 LOGS_DIR = "logs"
+EMBEDDING_DIR = "embedding"  # logs/<trial>/embedding: projector files and neighbours.json
+NEIGHBOURS_FILE = "neighbours.json"
 IDLE_WAIT_S = 0.1  # a worker's pause when the chief has nothing to hand out yet
 RUNNING, IDLE, STOPPED = (kt.engine.trial.TrialStatus.RUNNING, kt.engine.trial.TrialStatus.IDLE,
                           kt.engine.trial.TrialStatus.STOPPED)
@@ -104,6 +108,11 @@ def grid(space: kt.HyperParameters) -> Iterator[dict]:
         yield dict(zip(names, combo, strict=True))
 
 
+def trial_embedding_dir(out: Path, trial_id: str) -> Path | None:
+    """A trial's embedding files: logs/<trial>/execution<N>/embedding (KerasTuner's nesting)."""
+    return next(iter(sorted((out / LOGS_DIR / trial_id).glob(f"*/{EMBEDDING_DIR}"))), None)
+
+
 def trainable_params(model: keras.Model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
@@ -121,7 +130,21 @@ class EmbeddingHyperModel(kt.HyperModel):
         super().__init__(name="embedding_lstm")
         self.cfg = cfg
         self.vocab_size = vocab_size  # set to the adapted vocabulary before the search
+        self.vocabulary: list[str] | None = None  # set with it; pretrained starts need the words
         self.lr_scale = lr_scale
+        self._matrices: dict[tuple[str, int], np.ndarray] = {}
+
+    def pretrained_matrix(self, init: str, dim: int) -> np.ndarray | None:
+        """The embedding start of one candidate: None for random, else vectors of its own size."""
+        if init == "random" or self.vocabulary is None:  # no words yet: the space-only build
+            return None
+        if (init, dim) not in self._matrices:
+            from pipeline.pretrain import embedding_matrix
+
+            d = self.cfg.to_dict()
+            d["model"] |= {"embedding_init": init, "embedding_dim": dim}
+            self._matrices[(init, dim)] = embedding_matrix(from_dict(d), self.vocabulary)
+        return self._matrices[(init, dim)]
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         keras.utils.set_random_seed(self.cfg.seed)  # every candidate starts from the same draw
@@ -129,13 +152,16 @@ class EmbeddingHyperModel(kt.HyperModel):
         for name, values in searched(self.cfg.tune).items():
             kwargs[name] = hp.Choice(name, values)
         kwargs["learning_rate"] *= self.lr_scale
-        return build_model(self.vocab_size, **kwargs)
+        init = kwargs.pop("embedding_init", self.cfg.model.embedding_init)
+        matrix = self.pretrained_matrix(init, kwargs["embedding_dim"])
+        return build_model(self.vocab_size, **kwargs, embedding_matrix=matrix)
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, train_batches, *args, **kwargs) -> dict:
         """`train_batches()` gives a fresh shuffle over the shared cache: the same order every trial."""
         t0 = time.perf_counter()
         history = model.fit(train_batches(), *args, **kwargs)
         seconds = time.perf_counter() - t0
+        self.describe_embedding(model, kwargs.get("callbacks") or [])
         scores = history.history[OBJECTIVE]
         best = int(np.argmax(scores))
         return {
@@ -146,6 +172,16 @@ class EmbeddingHyperModel(kt.HyperModel):
             "seconds": seconds,
             "trainable_params": trainable_params(model),
         }
+
+    def describe_embedding(self, model: keras.Model, callbacks: list) -> None:
+        """Projector files and probe-word neighbours of the trained embedding, in the trial's logs."""
+        board = next((c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)), None)
+        if board is None or self.vocabulary is None:
+            return
+        folder = Path(board.log_dir) / EMBEDDING_DIR  # KerasTuner gives each trial its own log_dir
+        weights = model.get_layer("embedding").get_weights()[0]
+        write_projector(weights, self.vocabulary, folder)
+        write_json(folder / NEIGHBOURS_FILE, nearest_neighbours(weights, self.vocabulary))
 
 
 class ResumableGridOracle(kt.Oracle):
@@ -253,7 +289,10 @@ def search_fingerprint(cfg: Config) -> str:
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("epochs", "monitor", "verbose")}
     space = searched(cfg.tune)
     d["model"] = {k: v for k, v in d["model"].items() if k not in space and k != "tuned_hparams"}
-    d["tune"] = {"tuner": cfg.tune.tuner, "epochs": cfg.tune.epochs}
+    d["tune"] = {"tuner": cfg.tune.tuner, "epochs": cfg.tune.epochs,
+                 "max_train_examples": cfg.tune.max_train_examples}
+    if "word2vec" in trial_inits(cfg):  # the vectors shape the scores
+        d["pretrain"] = cfg.pretrain.model_dump(include={"vector_size", "window", "min_count", "epochs"})
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -272,18 +311,39 @@ def prepare_output(cfg: Config, out: Path, fresh: bool) -> None:
     save_config(cfg, out / "config.yaml")
     write_json(out / SEARCH_FILE, read_json(out / SEARCH_FILE) | {
         "name": cfg.name, "fingerprint": fingerprint, "tuner": cfg.tune.tuner, "objective": OBJECTIVE,
+        "word2vec_vector_size": cfg.pretrain.vector_size,
         "status": "running", "session_started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
+def trial_inits(cfg: Config) -> list[str]:
+    return list(cfg.tune.embedding_init or [cfg.model.embedding_init])
+
+
 def check_tunable(cfg: Config) -> None:
-    if cfg.model.embedding_init != "random":
-        raise ConfigError("model.embedding_init: tuning the embedding size needs 'random' "
-                          f"(pretrained vectors fix the size; got {cfg.model.embedding_init!r})")
+    init = cfg.model.embedding_init
+    if not cfg.tune.embedding_init and init not in ("random", "word2vec"):
+        raise ConfigError(
+            f"model.embedding_init: {init!r} fixes the embedding size (a vectors file or language "
+            "models of one size); search with tune.embedding_init=[word2vec] (vectors of each size) "
+            "or [random]")
+
+
+def with_search_vectors(cfg: Config) -> Config:
+    """`cfg` with the word2vec size the search starts every candidate from (the largest one).
+
+    Saved in search.json; `apply_tuned` sets it for the final run, so the chosen size
+    trains from the very vectors it was chosen with.
+    """
+    if "word2vec" not in trial_inits(cfg) or cfg.pretrain.vector_size:
+        return cfg
+    d = cfg.to_dict()
+    d["pretrain"]["vector_size"] = max(cfg.tune.embedding_dims)
+    return from_dict(d)
 
 
 def prepare_data(cfg: Config, strategy: tf.distribute.Strategy
-                 ) -> tuple[Callable[[], tf.data.Dataset], tf.data.Dataset, int, dict[str, int]]:
-    """Adapt once, vectorize and cache once: (train batches maker, val_ds, vocab size, split sizes).
+                 ) -> tuple[Callable[[], tf.data.Dataset], tf.data.Dataset, list[str], dict[str, int]]:
+    """Adapt once, vectorize and cache once: (train batches maker, val_ds, vocabulary, split sizes).
 
     Each trial calls the maker for a new shuffle stage over the same cached token ids,
     so every candidate trains on the same batches in the same order.
@@ -294,12 +354,15 @@ def prepare_data(cfg: Config, strategy: tf.distribute.Strategy
     vectorizer = adapt_vectorizer(cfg.vectorize, raw.train)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.train.batch_size * replicas
-    train_rows = vectorize_cached(raw.train, vectorizer, cfg.vectorize)
+    trial_train = raw.train.take(cfg.tune.max_train_examples) if cfg.tune.max_train_examples else raw.train
+    if cfg.tune.max_train_examples:
+        sizes["train_per_trial"] = data_mod.count(trial_train)
+    train_rows = vectorize_cached(trial_train, vectorizer, cfg.vectorize)
     val_ds = batch_ids(vectorize_cached(raw.validation, vectorizer, cfg.vectorize), cfg.vectorize,
                        cfg.train, global_batch, replicas=replicas)
     make_train = functools.partial(batch_ids, train_rows, cfg.vectorize, cfg.train, global_batch,
                                    shuffle_seed=cfg.seed, replicas=replicas)
-    return make_train, val_ds, vectorizer.vocabulary_size(), sizes
+    return make_train, val_ds, vectorizer.get_vocabulary(), sizes
 
 
 def make_tuner(cfg: Config, hypermodel: EmbeddingHyperModel, out: Path,
@@ -341,6 +404,7 @@ def trial_callbacks(cfg: Config, out: Path) -> list[keras.callbacks.Callback]:
 def run_search(cfg: Config, fresh: bool = False) -> TuneResult:
     """Run (or resume) the search of `cfg.tune`; on a chief or single process, write the report."""
     check_tunable(cfg)
+    cfg = with_search_vectors(cfg)
     who = role()
     out = output_dir(cfg)
     if who != "worker":
@@ -361,14 +425,14 @@ def run_search(cfg: Config, fresh: bool = False) -> TuneResult:
                  os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"])
         tuner.search(verbose=verbose)  # blocks in KerasTuner's oracle server
     elif who == "worker" or not isinstance(tuner.oracle, ResumableGridOracle) or tuner.oracle.has_work():
-        make_train, val_ds, vocab_size, sizes = prepare_data(cfg, strategy)
-        hypermodel.vocab_size = vocab_size
+        make_train, val_ds, vocabulary, sizes = prepare_data(cfg, strategy)
+        hypermodel.vocabulary, hypermodel.vocab_size = vocabulary, len(vocabulary)
         if who == "worker":
             log.info("%s: asking the chief at %s:%s for trials", os.environ["KERASTUNER_TUNER_ID"],
                      os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"])
         else:
             write_json(out / SEARCH_FILE, read_json(out / SEARCH_FILE) | {
-                "data_sizes": sizes, "vocabulary_size": vocab_size,
+                "data_sizes": sizes, "vocabulary_size": len(vocabulary),
                 "strategy": type(strategy).__name__, "replicas": replicas})
         tuner.search(make_train, validation_data=val_ds, epochs=cfg.tune.epochs,
                      callbacks=trial_callbacks(cfg, out), verbose=verbose)
@@ -592,10 +656,13 @@ def apply_tuned(cfg: Config) -> tuple[Config, dict]:
     if not values:
         raise ConfigError(f"model.tuned_hparams: {path} holds no model hyperparameters "
                           f"(found {sorted(hps.values)})")
+    search = read_json(path.parent / SEARCH_FILE)
     d = cfg.to_dict()
     d["model"] |= values | {"tuned_hparams": str(path)}
+    if d["model"]["embedding_init"] == "word2vec" and search.get("word2vec_vector_size"):
+        # The vectors the chosen size was scored with (the search's largest size, reduced).
+        d["pretrain"]["vector_size"] = search["word2vec_vector_size"]
     tuned = from_dict(d)
-    search = read_json(path.parent / SEARCH_FILE)
     provenance = {"source": "tuning", "file": str(path), "values": values,
                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if search.get("best"):

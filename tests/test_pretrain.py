@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.pretrain import cache_path, embedding_matrix, read_vectors_file, train_word2vec
+from pipeline.config import ConfigError, load_config
+from pipeline.pretrain import (
+    cache_path,
+    embedding_matrix,
+    read_vectors_file,
+    train_word2vec,
+    word2vec_for_size,
+)
 from tests.conftest import tiny_overrides
 
 
@@ -60,3 +66,41 @@ def test_word2vec_trains_once_and_is_cached(imdb_dir, tmp_path):
     other = load_config(None, tiny_overrides(imdb_dir, tmp_path) + [
         f"pretrain.directory={tmp_path / 'pre'}", "pretrain.epochs=3"])
     assert cache_path(other) != path  # different settings, different vectors
+
+
+def _w2v_cfg(imdb_dir, tmp_path, *extra):
+    return load_config(None, tiny_overrides(imdb_dir, tmp_path) + [
+        f"pretrain.directory={tmp_path / 'pre'}", "pretrain.min_count=1", "pretrain.epochs=1",
+        "model.embedding_init=word2vec", *extra])
+
+
+def test_each_smaller_size_reduces_one_word2vec_run_once(imdb_dir, tmp_path):
+    from gensim.models import KeyedVectors
+
+    cfg = _w2v_cfg(imdb_dir, tmp_path, "pretrain.vector_size=8")
+    small = word2vec_for_size(cfg, 4)
+    assert small != cache_path(cfg) and cache_path(cfg).is_file()  # trained once, at 8-d
+    kv = KeyedVectors.load(str(small))
+    assert kv.vector_size == 4 and len(kv) == len(KeyedVectors.load(str(cache_path(cfg))))
+    stamps = (small.stat().st_mtime_ns, cache_path(cfg).stat().st_mtime_ns)
+    assert word2vec_for_size(cfg, 4) == small  # cached: neither rebuilt
+    assert (small.stat().st_mtime_ns, cache_path(cfg).stat().st_mtime_ns) == stamps
+    assert word2vec_for_size(cfg, 8) == cache_path(cfg)
+    with pytest.raises(ConfigError, match="pretrain.vector_size"):
+        word2vec_for_size(cfg, 16)
+    # A model of the smaller size starts from the reduced vectors.
+    four = cfg.model_copy(update={"model": cfg.model.model_copy(update={"embedding_dim": 4})})
+    m = embedding_matrix(four, ["", "[UNK]", "great"])
+    np.testing.assert_allclose(m[2], kv["great"])
+
+
+def test_word2vec_corpus_is_unlabelled_and_training_text_only(imdb_dir, tmp_path):
+    from pipeline import data as data_mod
+    from pipeline.pretrain import Corpus
+
+    cfg = _w2v_cfg(imdb_dir, tmp_path)
+    corpus = set(Corpus(cfg).texts.as_numpy_iterator())
+    raw = data_mod.load_raw(cfg.data, cfg.seed)
+    train = {t for t, _ in raw.train.as_numpy_iterator()}
+    held = {t for t, _ in raw.validation.as_numpy_iterator()} | {t for t, _ in raw.test.as_numpy_iterator()}
+    assert corpus == train and not corpus & held

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import keras_tuner as kt
+import numpy as np
 import pytest
 import yaml
 
@@ -78,7 +79,8 @@ def test_grid_tries_every_candidate_once_on_shared_data(searched):
 
 def test_every_trial_gets_the_same_batches(imdb_dir, tmp_path):
     cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path))
-    make_train, val_ds, vocab_size, sizes = tune.prepare_data(cfg, tune.make_strategy(cfg.distribute))
+    make_train, val_ds, vocabulary, sizes = tune.prepare_data(cfg, tune.make_strategy(cfg.distribute))
+    vocab_size = len(vocabulary)
     first, second = ([y.numpy().tolist() for _, y in make_train()] for _ in range(2))
     assert first == second and sum(map(len, first)) == sizes["train"]
     assert sizes == {"train": 90, "validation": 30} and vocab_size <= cfg.vectorize.max_tokens
@@ -298,3 +300,54 @@ def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
     assert int(top["embedding_dim"]) == best
     assert trials[top["trial_id"]].score == max(t.score for t in trials.values())
     assert f"best: embedding_dim={best}" in logs["chief"]
+
+
+def test_one_search_compares_random_and_word2vec_starts_per_size(imdb_dir, tmp_path):
+    from gensim.models import KeyedVectors
+
+    from pipeline.pretrain import word2vec_for_size
+
+    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [
+        "tune.embedding_init=[random,word2vec]", "tune.max_train_examples=40",
+        f"pretrain.directory={tmp_path / 'pre'}", "pretrain.min_count=1", "pretrain.epochs=1"])
+    result = tune.run_search(cfg)
+    assert sorted((r["embedding_init"], r["embedding_dim"]) for r in result.rows) == [
+        ("random", 4), ("random", 8), ("word2vec", 4), ("word2vec", 8)]
+    out = tune.output_dir(cfg)
+    search = json.loads((out / "search.json").read_text())
+    assert search["word2vec_vector_size"] == 8  # one word2vec run, at the largest size
+    assert search["data_sizes"]["train_per_trial"] == 40
+    # Each word2vec candidate started from vectors of its own size: 8-d as trained, 4-d reduced.
+    searched_cfg = tune.with_search_vectors(cfg)
+    hypermodel = tune.EmbeddingHyperModel(searched_cfg, 0)
+    hypermodel.vocabulary = ["", "[UNK]", "great", "awful"]
+    kv4 = KeyedVectors.load(str(word2vec_for_size(searched_cfg, 4)))
+    np.testing.assert_allclose(hypermodel.pretrained_matrix("word2vec", 4)[2], kv4["great"])
+    assert hypermodel.pretrained_matrix("random", 4) is None
+    # What each trial's embedding learned: projector files and probe-word neighbours.
+    for row in result.rows:
+        folder = tune.trial_embedding_dir(out, row["trial_id"])
+        neighbours = json.loads((folder / "neighbours.json").read_text())
+        assert {"excellent", "awful", "boring"} <= set(neighbours)  # probes in the tiny vocabulary
+        assert all(len(v) == 5 for v in neighbours.values())
+        assert (folder / "projector_config.pbtxt").is_file()
+    # The hand-off: the chosen start, and for word2vec the vectors it was scored with.
+    best = result.best
+    d = cfg.to_dict()
+    d["model"]["tuned_hparams"] = str(out / "best_hparams.json")
+    tuned, provenance = tune.apply_tuned(load_config(None, []).model_validate(d))
+    assert tuned.model.embedding_init == best["embedding_init"]
+    assert tuned.model.embedding_dim == best["embedding_dim"]
+    assert provenance["values"]["embedding_init"] == best["embedding_init"]
+    if best["embedding_init"] == "word2vec":
+        assert tuned.pretrain.vector_size == 8
+
+
+@pytest.mark.parametrize("init", ["file", "lm"])
+def test_a_fixed_size_start_needs_a_searched_init(init, imdb_dir, tmp_path):
+    extra = [f"model.embedding_file={tmp_path / 'v.txt'}"] if init == "file" else []
+    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [f"model.embedding_init={init}"] + extra)
+    with pytest.raises(ConfigError, match="tune.embedding_init"):
+        tune.check_tunable(cfg)
+    ok = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"embedding_init": ["random"]})})
+    tune.check_tunable(ok)
