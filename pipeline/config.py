@@ -156,8 +156,8 @@ class PretrainConfig(_Section):
     # Language models (model.embedding_init: lm); sizes come from model.embedding_dim/lstm_units.
     lm_epochs: int = Field(1, gt=0)  # passes over the unlabelled + training reviews
     lm_sequence_length: int = Field(64, gt=1)  # tokens per window (backprop through time)
-    lm_batch_size: int = Field(128, gt=0)
-    lm_sampled_softmax: int = Field(1024, gt=0)  # negatives per step; the full softmax is 30k wide
+    lm_batch_size: int = Field(256, gt=0)  # windows per step: larger amortizes the per-step cost on a CPU
+    lm_sampled_softmax: int = Field(512, gt=0)  # negatives per step; a full softmax is vocabulary-wide
     lm_learning_rate: float = Field(2e-3, gt=0.0)
     lm_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     lm_validation_reviews: int = Field(500, ge=0)  # held-out unlabelled reviews for perplexity
