@@ -76,3 +76,13 @@ def reduce_dim(vectors: np.ndarray, dim: int) -> np.ndarray:
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     reduced = centred @ vt[:dim].T
     return (reduced * (vectors.std() / max(reduced.std(), 1e-12))).astype(np.float32)
+
+
+def neighbours_markdown(columns: dict[str, dict[str, list]], probes=PROBE_WORDS, k: int = 5) -> str:
+    """A table with one column per embedding (e.g. "16-d", "256-d") and one row per probe word."""
+    names = list(columns)
+    lines = ["| word | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for word in probes:
+        cells = [", ".join(w for w, _ in columns[n].get(word, [])[:k]) or "-" for n in names]
+        lines.append(f"| **{word}** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

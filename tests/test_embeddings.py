@@ -5,6 +5,7 @@ from pipeline.embeddings import (
     METADATA_FILE,
     VECTORS_FILE,
     nearest_neighbours,
+    neighbours_markdown,
     reduce_dim,
     write_projector,
 )
@@ -53,3 +54,13 @@ def test_reduce_dim_keeps_the_leading_structure():
     np.testing.assert_allclose(reduce_dim(vectors, 8), vectors.astype(np.float32))
     with pytest.raises(ValueError, match="8-d vectors to 9"):
         reduce_dim(vectors, 9)
+
+
+def test_neighbours_table_puts_sizes_side_by_side():
+    table = neighbours_markdown({"16-d": {"awful": [("bad", 0.9), ("dull", 0.8)]},
+                                 "256-d": {"awful": [("terrible", 0.7)], "plot": [("story", 0.6)]}},
+                                probes=("awful", "plot"))
+    lines = table.splitlines()
+    assert lines[0] == "| word | 16-d | 256-d |"
+    assert lines[2] == "| **awful** | bad, dull | terrible |"
+    assert lines[3] == "| **plot** | - | story |"
