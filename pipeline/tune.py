@@ -42,7 +42,7 @@ from pipeline import data as data_mod
 from pipeline.config import Config, ConfigError, PipelineError, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy
 from pipeline.model import build_model, model_kwargs
-from pipeline.train import read_json, seed_everything, write_json
+from pipeline.runs import DirLock, fingerprint, read_json, seed_everything, write_json
 from pipeline.vectorize import adapt_vectorizer, batch_ids, vectorize_cached
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def search_fingerprint(cfg: Config) -> str:
     space = searched(cfg.tune)
     d["model"] = {k: v for k, v in d["model"].items() if k not in space and k != "tuned_hparams"}
     d["tune"] = {"tuner": cfg.tune.tuner, "epochs": cfg.tune.epochs}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    return fingerprint(d)
 
 
 def prepare_output(cfg: Config, out: Path, fresh: bool) -> None:
@@ -339,7 +339,19 @@ def trial_callbacks(cfg: Config, out: Path) -> list[keras.callbacks.Callback]:
 
 
 def run_search(cfg: Config, fresh: bool = False) -> TuneResult:
-    """Run (or resume) the search of `cfg.tune`; on a chief or single process, write the report."""
+    """Run (or resume) the search of `cfg.tune`; on a chief or single process, write the report.
+
+    One live process owns a tuning folder (its workers aside): a second one stops with
+    RunBusyError. The lock sits beside the folder, so that --fresh can remove the folder.
+    """
+    out = output_dir(cfg)
+    if role() == "worker":
+        return _run_search(cfg, fresh)
+    with DirLock(out.parent / f".{out.name}.lock", f"tuning folder {out}"):
+        return _run_search(cfg, fresh)
+
+
+def _run_search(cfg: Config, fresh: bool) -> TuneResult:
     check_tunable(cfg)
     who = role()
     out = output_dir(cfg)
