@@ -28,7 +28,7 @@ from pipeline import data as data_mod
 from pipeline.config import Config
 from pipeline.export import export_model, in_memory_predict
 from pipeline.model import build_model, model_kwargs
-from pipeline.train import seed_everything
+from pipeline.runs import seed_everything
 from pipeline.vectorize import adapt_vectorizer, standardize, texts_to_padded_ids, vectorize_split
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"

@@ -104,7 +104,12 @@ def _train(args: argparse.Namespace) -> int:
     # JSON quoting keeps the path a string when read as YAML.
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
-    result = train(cfg, fresh=args.fresh, export=not args.no_export)
+    provenance = None
+    if cfg.model.tuned_hparams:  # resolved before training and handed over as data
+        from pipeline.tune import apply_tuned
+
+        cfg, provenance = apply_tuned(cfg)
+    result = train(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance)
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0
@@ -122,7 +127,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.train import export_run, latest_finished_run
+    from pipeline.runs import latest_finished_run
+    from pipeline.train import export_run
 
     cfg = load_config(args.config, _overrides(args))
     run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
@@ -252,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the last completed epoch "
-              "(add --fresh to start over)", file=sys.stderr)
+        print("\ninterrupted: rerun the same command to resume: training from the last completed "
+              "epoch, or at evaluation and export if training had finished (add --fresh to start "
+              "over)", file=sys.stderr)
         return 130
 
 

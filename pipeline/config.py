@@ -6,8 +6,6 @@ Unknown keys, wrong types and out-of-range values are refused at load with a
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -178,17 +176,6 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-    def fingerprint(self) -> str:
-        """Short hash of everything that shapes a trained model (not where files go)."""
-        d = self.to_dict()
-        for volatile in ("runs_dir",):
-            d.pop(volatile)
-        d["train"].pop("verbose")
-        d["model"].pop("tuned_hparams")  # where values came from; the values themselves count
-        d.pop("export")
-        blob = json.dumps(d, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

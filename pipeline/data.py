@@ -6,6 +6,7 @@ the final evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,3 +151,30 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
     folder = Path(cfg.directory or "") / "train" / "unsup"
     files = sorted(str(f) for f in folder.glob("*.txt"))
     return tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string)).map(tf.io.read_file)
+
+
+def data_identity(cfg: DataConfig) -> dict:
+    """What the data is, not where it lies: part of a run's fingerprint. Reads no reviews.
+
+    tfds: the dataset's name, version and split sizes from the prepared copy's info
+    (nothing is downloaded); a folder: a digest of its review files' names and sizes.
+    """
+    if cfg.source == "tfds":
+        import tensorflow_datasets as tfds
+
+        data_dir = cfg.data_dir or os.environ.get("TFDS_DATA_DIR")
+        try:
+            info = tfds.builder(cfg.tfds_name, data_dir=data_dir).info
+        except Exception as exc:  # tfds raises many types; the user needs one message
+            raise DataError(f"cannot read the info of tfds dataset {cfg.tfds_name!r}: {exc}") from exc
+        return {"source": "tfds", "name": info.full_name, "version": str(info.version),
+                "splits": {name: split.num_examples for name, split in sorted(info.splits.items())}}
+    root = Path(cfg.directory or "")
+    digest = hashlib.sha256()
+    files = 0
+    for split in ("train", "test"):
+        for cls in (*CLASS_NAMES, "unsup"):
+            for f in sorted((root / split / cls).glob("*.txt")):
+                digest.update(f"{split}/{cls}/{f.name} {f.stat().st_size}\n".encode())
+                files += 1
+    return {"source": "directory", "files": files, "digest": digest.hexdigest()[:16]}

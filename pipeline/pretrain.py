@@ -7,8 +7,6 @@ cached under `pretrain.directory`, keyed by everything that shapes them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ import tensorflow as tf
 from pipeline import data as data_mod
 from pipeline.config import Config, ConfigError
 from pipeline.embeddings import reduce_dim
+from pipeline.runs import fingerprint
 from pipeline.vectorize import standardize
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def cache_path(cfg: Config) -> Path:
            "pretrain": {k: v for k, v in cfg.pretrain.model_dump().items()
                         if k not in ("directory", "vector_size") and not k.startswith("lm_")},
            "seed": cfg.seed, "tokenizer": 1}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    digest = fingerprint(key)
     return Path(cfg.pretrain.directory) / f"word2vec-{_vector_size(cfg)}d-{digest}.kv"
 
 

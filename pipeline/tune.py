@@ -43,7 +43,7 @@ from pipeline.config import Config, ConfigError, PipelineError, TuneConfig, from
 from pipeline.distribute import make_strategy
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.model import build_model, model_kwargs
-from pipeline.train import read_json, seed_everything, write_json
+from pipeline.runs import DirLock, fingerprint, read_json, seed_everything, write_json
 from pipeline.vectorize import adapt_vectorizer, batch_ids, vectorize_cached
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def search_fingerprint(cfg: Config) -> str:
                  "max_train_examples": cfg.tune.max_train_examples}
     if "word2vec" in trial_inits(cfg):  # the vectors shape the scores
         d["pretrain"] = cfg.pretrain.model_dump(include={"vector_size", "window", "min_count", "epochs"})
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    return fingerprint(d)
 
 
 def prepare_output(cfg: Config, out: Path, fresh: bool) -> None:
@@ -402,7 +402,19 @@ def trial_callbacks(cfg: Config, out: Path) -> list[keras.callbacks.Callback]:
 
 
 def run_search(cfg: Config, fresh: bool = False) -> TuneResult:
-    """Run (or resume) the search of `cfg.tune`; on a chief or single process, write the report."""
+    """Run (or resume) the search of `cfg.tune`; on a chief or single process, write the report.
+
+    One live process owns a tuning folder (its workers aside): a second one stops with
+    RunBusyError. The lock sits beside the folder, so that --fresh can remove the folder.
+    """
+    out = output_dir(cfg)
+    if role() == "worker":
+        return _run_search(cfg, fresh)
+    with DirLock(out.parent / f".{out.name}.lock", f"tuning folder {out}"):
+        return _run_search(cfg, fresh)
+
+
+def _run_search(cfg: Config, fresh: bool) -> TuneResult:
     check_tunable(cfg)
     cfg = with_search_vectors(cfg)
     who = role()

@@ -12,17 +12,20 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, DistributeConfig, load_config
+from pipeline.config import ConfigError, DistributeConfig, PipelineError, load_config
+from pipeline.data import data_identity
 from pipeline.distribute import (
     free_ports,
     is_chief,
     make_strategy,
     run_local_workers,
+    task_name,
     tf_config,
     wait_all,
 )
 from pipeline.model import build_model
-from pipeline.train import latest_finished_run, open_run_dir, open_worker_dir, train
+from pipeline.runs import latest_finished_run, open_run, open_worker_run, run_fingerprint
+from pipeline.train import train
 from tests.conftest import tiny_overrides
 
 
@@ -95,15 +98,19 @@ def test_mixed_precision_warns_on_cpu_and_keeps_a_float32_output(caplog):
 def test_worker_scratch_dirs_are_neither_resumed_nor_finished_runs(tiny_cfg, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(
         {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
-    scratch, resumed = open_worker_dir(tiny_cfg, fresh=False)
-    assert scratch.name.startswith(".workertemp-worker1-") and not resumed
-    (scratch / "run.json").write_text(json.dumps({"status": "running"}))
-    assert open_worker_dir(tiny_cfg, fresh=False) == (scratch, True)
-    assert open_run_dir(tiny_cfg, fresh=False)[0] != scratch
-    (scratch / "run.json").write_text(json.dumps({"status": "finished"}))
-    with pytest.raises(FileNotFoundError):
+    fp = run_fingerprint(tiny_cfg, data_identity(tiny_cfg.data))
+    with open_worker_run(tiny_cfg, fp, task_name(), fresh=False) as scratch:
+        assert scratch.dir.name.startswith(".workertemp-worker1-") and not scratch.resumed
+    with open_worker_run(tiny_cfg, fp, task_name(), fresh=False) as again:
+        assert (again.dir, again.resumed) == (scratch.dir, True)
+    with open_run(tiny_cfg, fp, fresh=False) as run:
+        assert run.dir != scratch.dir and not run.resumed
+    (scratch.dir / "run.json").write_text(json.dumps({"status": "finished"}))
+    (run.dir / "run.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(PipelineError, match="no finished run"):
         latest_finished_run(tiny_cfg)
-    assert open_worker_dir(tiny_cfg, fresh=True)[1] is False
+    with open_worker_run(tiny_cfg, fp, task_name(), fresh=True) as fresh:
+        assert not fresh.resumed
 
 
 def test_local_workers_get_their_own_tf_config_and_prefixed_output(capsys):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train import tidy_history, train
+from pipeline.runs import tidy_history
+from pipeline.train import train
 from tests.conftest import tiny_overrides
 
 EPOCHS = 6

@@ -3,9 +3,8 @@ import json
 
 import yaml
 
-from pipeline.config import load_config
-from pipeline.train import latest_finished_run, open_run_dir
-from tests.conftest import tiny_overrides
+from pipeline.data import data_identity
+from pipeline.runs import latest_finished_run, run_fingerprint
 
 
 def test_run_directory_holds_everything(trained_run):
@@ -21,7 +20,8 @@ def test_run_directory_holds_everything(trained_run):
         rows = list(csv.DictReader(f))
     assert 1 <= len(rows) <= cfg.train.epochs and "val_accuracy" in rows[0]
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "finished" and info["fingerprint"] == cfg.fingerprint()
+    assert info["status"] == "finished"
+    assert info["fingerprint"] == run_fingerprint(cfg, data_identity(cfg.data))
     assert latest_finished_run(cfg) == run
 
 
@@ -35,12 +35,3 @@ def test_metrics_are_consistent(trained_run):
     for key in ("precision", "recall", "auc", "loss"):
         assert 0.0 <= m[key] <= (1.0 if key != "loss" else 10.0)
 
-
-def test_unfinished_run_is_resumed_and_other_configs_are_not(imdb_dir, tmp_path):
-    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path))
-    run, resumed = open_run_dir(cfg, fresh=False)
-    (run / "run.json").write_text(json.dumps({"status": "running"}))
-    assert open_run_dir(cfg, fresh=False) == (run, True)
-    assert open_run_dir(cfg, fresh=True)[1] is False
-    other = load_config(None, tiny_overrides(imdb_dir, tmp_path) + ["model.lstm_units=9"])
-    assert open_run_dir(other, fresh=False)[0] != run
