@@ -33,8 +33,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["tfds", "directory"] = "tfds"
-    tfds_name: str = "imdb_reviews"
+    source: Literal["tfds", "directory"] = "tfds"  # tfds (prepared copy) or an aclImdb-style folder
+    tfds_name: str = "imdb_reviews"  # the tfds dataset for source=tfds
     data_dir: str | None = None  # tfds data dir; None -> $TFDS_DATA_DIR, then ~/tensorflow_datasets
     directory: str | None = None  # aclImdb-style folder (train/{pos,neg}, test/{pos,neg})
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from train, never from test
@@ -51,19 +51,19 @@ class DataConfig(_Section):
 class VectorizeConfig(_Section):
     max_tokens: int = Field(20000, ge=3)  # vocabulary size, padding and OOV included
     max_length: int = Field(400, gt=0)  # tokens kept per review; IMDB averages ~230 words
-    adapt_batch_size: int = Field(1024, gt=0)
+    adapt_batch_size: int = Field(1024, gt=0)  # reviews per batch while adapting the vocabulary
 
 
 class ModelConfig(_Section):
-    embedding_dim: int = Field(128, gt=0)
-    lstm_units: int = Field(64, gt=0)
-    bidirectional: bool = True
-    num_layers: int = Field(1, ge=1, le=4)
+    embedding_dim: int = Field(128, gt=0)  # `make tune` searches it
+    lstm_units: int = Field(64, gt=0)  # per direction
+    bidirectional: bool = True  # read the review both ways
+    num_layers: int = Field(1, ge=1, le=4)  # stacked LSTM layers
     pooling: Literal["last", "mean", "max"] = "last"  # how the LSTM outputs become one vector
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drops whole embedding channels
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
-    learning_rate: float = Field(1e-3, gt=0.0)
-    embedding_init: Literal["random", "word2vec", "file"] = "random"
+    learning_rate: float = Field(1e-3, gt=0.0)  # Adam
+    embedding_init: Literal["random", "word2vec", "file"] = "random"  # word2vec: pretrained here
     embedding_file: str | None = None  # GloVe/word2vec text file for embedding_init=file
     embedding_trainable: bool = True  # False freezes pretrained vectors
     # best_hparams.json from `make tune` (or its folder, or "latest"): its values override these.
@@ -77,18 +77,19 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0)  # at most; early stopping may end sooner
     batch_size: int = Field(64, gt=0)  # per replica; global batch = this x replicas
     lr_scaling: Literal["fixed", "linear"] = "fixed"  # linear: lr x replicas
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    early_stopping_patience: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(25000, gt=0)
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # picks the best epoch, stops early
+    early_stopping_patience: int = Field(2, ge=0)  # epochs without improvement before stopping
+    shuffle_buffer: int = Field(25000, gt=0)  # reviews; >= the train split shuffles it fully
     bucket_by_length: bool = True  # batch similar lengths so the LSTM skips padding
     deterministic: bool = True  # same seed, same metrics (costs a little speed)
     verbose: Literal[0, 1, 2] | None = None  # Keras progress; None: bar on a TTY, lines otherwise
 
 
 class DistributeConfig(_Section):
+    # auto: mirrored over the visible GPUs, else default; multi_worker reads TF_CONFIG (docs/distributed.md)
     strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker"] = "auto"
     devices: list[str] | None = None  # e.g. ["/gpu:0", "/gpu:1"]; None = all visible
     mixed_precision: bool = False  # mixed_float16; worth it on GPUs only
@@ -100,14 +101,14 @@ class ExportConfig(_Section):
 
 
 class TuneConfig(_Section):
-    tuner: Literal["grid", "random", "hyperband", "bayesian"] = "grid"
-    embedding_dims: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    tuner: Literal["grid", "random", "hyperband", "bayesian"] = "grid"  # grid: each candidate once
+    embedding_dims: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])  # candidates
     lstm_units: list[int] | None = None  # None: not searched
-    dropout: list[float] | None = None
-    learning_rate: list[float] | None = None
+    dropout: list[float] | None = None  # None: not searched
+    learning_rate: list[float] | None = None  # None: not searched
     max_trials: int | None = Field(None, gt=0)  # None: the whole grid
     epochs: int = Field(5, gt=0)  # per trial, with early stopping
-    directory: str = "tuning"
+    directory: str = "tuning"  # results go to <directory>/<name>/
 
     @model_validator(mode="after")
     def _candidates(self) -> TuneConfig:
@@ -129,17 +130,17 @@ class TuneConfig(_Section):
 
 class PretrainConfig(_Section):
     vector_size: int | None = Field(None, gt=0)  # None: model.embedding_dim
-    window: int = Field(5, gt=0)
-    min_count: int = Field(2, gt=0)
-    epochs: int = Field(5, gt=0)
+    window: int = Field(5, gt=0)  # words either side (skip-gram, negative sampling)
+    min_count: int = Field(2, gt=0)  # rarer words get no vector
+    epochs: int = Field(5, gt=0)  # passes over the corpus
     workers: int = Field(2, gt=0)  # gensim threads; this machine has 2 cores
     directory: str = "pretrained"  # cached vectors, keyed by their settings
 
 
 class Config(_Section):
-    name: str = Field("imdb_lstm", pattern=r"^[A-Za-z0-9_.-]+$")  # saved_models/<name>/
-    seed: int = 42
-    runs_dir: str = "runs"
+    name: str = Field("imdb_lstm", pattern=r"^[A-Za-z0-9_.-]+$")  # saved_models/<name>/, runs/<name>/
+    seed: int = 42  # seeds Python, NumPy, TensorFlow and the shuffles
+    runs_dir: str = "runs"  # run directories: <runs_dir>/<name>/<time>-<fingerprint>/
     data: DataConfig = DataConfig()
     vectorize: VectorizeConfig = VectorizeConfig()
     model: ModelConfig = ModelConfig()
