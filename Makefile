@@ -23,7 +23,7 @@ train: install
 	$(RUN) train --config $(CONFIG) $(SET_ARGS) $(if $(TUNED),--tuned $(TUNED)) $(ARGS)
 
 # WORKERS training processes on this machine under MultiWorkerMirroredStrategy, each with its
-# own TF_CONFIG on a free 127.0.0.1 port; to try multi-worker before using several machines (README).
+# own TF_CONFIG on a free 127.0.0.1 port; to try multi-worker before using several machines (docs/distributed.md).
 WORKERS ?= 2
 train-multiworker: install
 	$(RUN) train-workers --workers $(WORKERS) --config $(CONFIG) $(SET_ARGS) $(ARGS)

@@ -130,7 +130,7 @@ def test_one_failed_worker_stops_the_others():
 
 
 def _start_worker(index: int, cluster: list[str], argv: list[str], log: Path) -> subprocess.Popen:
-    # What the README tells each machine to run: its own TF_CONFIG, the same command.
+    # What docs/distributed.md tells each machine to run: its own TF_CONFIG, the same command.
     tf_config = {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}}
     env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="3")
     with log.open("a") as out:
