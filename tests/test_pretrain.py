@@ -1,9 +1,11 @@
+import logging
+
 import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.pretrain import cache_path, embedding_matrix, read_vectors_file, train_word2vec
-from tests.conftest import tiny_overrides
+from pipeline.pretrain import Corpus, cache_path, embedding_matrix, read_vectors_file, train_word2vec
+from tests.conftest import tiny_overrides, write_aclimdb
 
 
 def test_read_glove_and_word2vec_text_formats(tmp_path):
@@ -60,3 +62,26 @@ def test_word2vec_trains_once_and_is_cached(imdb_dir, tmp_path):
     other = load_config(None, tiny_overrides(imdb_dir, tmp_path) + [
         f"pretrain.directory={tmp_path / 'pre'}", "pretrain.epochs=3"])
     assert cache_path(other) != path  # different settings, different vectors
+
+
+def test_word2vec_says_when_the_unlabelled_reviews_are_missing(imdb_dir, tmp_path, caplog):
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
+        corpus = Corpus(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"word2vec: no unlabelled reviews in {imdb_dir / 'train' / 'unsup'}; "
+                        "training on the labelled training reviews only"]
+    assert sum(1 for _ in corpus) == 90  # the training split alone (120 minus a quarter)
+
+
+def test_word2vec_reads_the_unlabelled_reviews_without_a_warning(tmp_path, caplog):
+    imdb = write_aclimdb(tmp_path / "aclImdb")
+    unsup = imdb / "train" / "unsup"
+    unsup.mkdir()
+    for i in range(5):
+        (unsup / f"{i}_0.txt").write_text("an unlabelled review of a film")
+    cfg = load_config(None, tiny_overrides(imdb, tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
+        corpus = Corpus(cfg)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(1 for _ in corpus) == 95
