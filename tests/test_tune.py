@@ -15,7 +15,7 @@ import keras_tuner as kt
 import pytest
 import yaml
 
-from pipeline import tune
+from pipeline import tune, tune_report
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.model import build_model, model_kwargs
@@ -182,7 +182,7 @@ def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, mo
     assert statuses == {4: "COMPLETED", 8: "COMPLETED", 16: "RUNNING"}
 
     monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", fit)
-    monkeypatch.setattr(tune, "summary", lambda r: json.dumps(r.trained))  # what this session ran
+    monkeypatch.setattr(tune_report, "summary", lambda r: json.dumps(r.trained))  # what this session ran
     assert main(["tune"] + extended) == 0
     ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [t["values"] for t in ran] == [{"embedding_dim": 16}]
