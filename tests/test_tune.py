@@ -116,7 +116,7 @@ def test_report_agrees_with_the_tuner_records(searched):
     for trial_id in trials:
         assert any((out / "logs" / trial_id).rglob("events.out.tfevents*"))
     assert any((out / "logs").glob("events.out.tfevents*"))
-    text = tune.summary(result)
+    text = tune_report.summary(result)
     assert f"best: embedding_dim={rows[0]['embedding_dim']}" in text and "best_hparams.json" in text
 
 
