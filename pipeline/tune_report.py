@@ -20,6 +20,7 @@ import tensorflow as tf
 from pipeline.config import Config
 from pipeline.train import read_json, write_json
 
+# Shared with tune.py, which imports them from here: the report never imports the search.
 OBJECTIVE = "val_accuracy"
 BEST_FILE = "best_hparams.json"
 SEARCH_FILE = "search.json"
