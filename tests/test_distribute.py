@@ -75,7 +75,9 @@ def test_training_under_mirrored_strategy_with_two_cpus(imdb_dir, tmp_path):
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["replicas"] == 2 and info["global_batch"] == 2 * cfg.train.batch_size
     assert result.export is not None and result.export.version == 1
-    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+    (tn, fp), (fn, tp) = result.metrics["confusion_matrix"]["rows_true_cols_pred"]
+    assert tn + fp + fn + tp == 40  # both replicas' predictions counted once
+    assert result.metrics["accuracy"] == pytest.approx((tp + tn) / 40)
 
 
 def test_mixed_precision_warns_on_cpu_and_keeps_a_float32_output(caplog):
