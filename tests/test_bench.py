@@ -1,6 +1,9 @@
+import pytest
+
 from pipeline.bench import MARK_END, MARK_START, run_bench, write_report
 
 
+@pytest.mark.slow
 def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     result = run_bench(tiny_cfg, train_examples=60, test_examples=40, epochs=2)
     for side in ("baseline", "pipeline"):

@@ -67,6 +67,7 @@ def test_is_chief(monkeypatch, task, chief):
     assert is_chief() is chief
 
 
+@pytest.mark.slow
 def test_training_under_mirrored_strategy_with_two_cpus(imdb_dir, tmp_path):
     cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path) + [
         "distribute.strategy=mirrored", "distribute.devices=['/cpu:0', '/cpu:1']",
@@ -160,6 +161,7 @@ def _backup_epoch(metadata_files: list[Path]) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_two_workers_train_together_survive_a_crash_and_leave_one_run(imdb_dir, tmp_path):
     out, logs_dir = tmp_path / "out", tmp_path / "logs"
     logs_dir.mkdir()

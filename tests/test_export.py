@@ -29,6 +29,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_export_round_trip_in_a_tensorflow_only_process(trained_run):
     cfg, result = trained_run
     path = result.export.path
@@ -55,6 +56,7 @@ def test_signature_shapes(trained_run):
     assert out[2] > 0.5  # "great" over and over: the model has learnt that word
 
 
+@pytest.mark.slow
 def test_second_export_is_version_2_and_leaves_version_1(trained_run):
     cfg, result = trained_run
     v1 = Path(result.export.path)
@@ -123,6 +125,7 @@ def test_concurrent_publishes_get_different_versions(tmp_path):
     assert existing_versions(model_dir) == list(range(1, 3 * racers + 1))
 
 
+@pytest.mark.slow
 def test_failed_export_check_leaves_no_version_and_no_temp_folder(trained_run, monkeypatch):
     cfg, result = trained_run
     model_dir = Path(cfg.export.dir) / cfg.name
@@ -135,6 +138,7 @@ def test_failed_export_check_leaves_no_version_and_no_temp_folder(trained_run, m
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_failed_run_adds_no_version(imdb_dir, tmp_path, monkeypatch):
     cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=1"])
 
@@ -180,6 +184,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_serving_signature_takes_any_text(trained_run):
     _, result = trained_run
     proc = subprocess.run([sys.executable, "-I", "-c", ANY_TEXT, result.export.path],
@@ -198,6 +203,7 @@ def test_serving_signature_takes_any_text(trained_run):
     assert report["batch_of_10000"]["n"] == 10000 and report["batch_of_one"]["n"] == 1
 
 
+@pytest.mark.slow
 def test_cli_reports_a_failed_export_check_in_one_line(imdb_dir, tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 

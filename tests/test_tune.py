@@ -130,6 +130,7 @@ def test_rerun_trains_nothing_again(searched):
     assert {f: f.stat().st_mtime_ns for f in trials.glob("trial_*/*")} == before
 
 
+@pytest.mark.slow
 def test_training_uses_the_tuned_values(searched, imdb_dir, tmp_path, capsys):
     cfg, result, _ = searched
     best_file = tune.output_dir(cfg) / "best_hparams.json"
@@ -160,6 +161,7 @@ def test_changed_settings_need_fresh(searched, imdb_dir):
         tune.run_search(changed)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys):
     """A copy of the finished search, one more candidate listed, Ctrl-C during its trial: the
     rerun trains that candidate only; the finished trials are kept as they were."""
@@ -252,6 +254,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"the chief did not listen on port {port} within {timeout}s")
 
 
+@pytest.mark.slow
 def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
     """Every candidate is trained exactly once across the workers; the chief reports the best."""
     dims = [4, 8]
