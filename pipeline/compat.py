@@ -16,14 +16,17 @@ import importlib.metadata
 import inspect
 import types
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import keras
-import keras_tuner as kt
 import tensorflow as tf
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from pipeline.config import PipelineError
+
+if TYPE_CHECKING:  # training imports this module; KerasTuner is needed only to tune
+    import keras_tuner as kt
 
 # The ranges the patches below were written and tested for; widen one only after checking
 # every guard of that library against the new version (tests/test_compat.py).
@@ -183,6 +186,8 @@ ORACLE_PATCH = "ResumableGridOracle"
 
 def check_tuner_internals() -> None:
     """The private names of `keras_tuner.Oracle` that the resumable grid oracle reads."""
+    import keras_tuner as kt
+
     require_version("keras-tuner", KERAS_TUNER_VERSIONS, ORACLE_PATCH)
     require_attrs(kt.Oracle, ("_duplicate",), ORACLE_PATCH)
     require_params(kt.Oracle._duplicate, ("values",), ORACLE_PATCH)
