@@ -1,4 +1,4 @@
-# Targets read like the README: `make train`, `make tune`, `make test`.
+# Targets read like the README: `make train`, `make test`, `make predict`, `make tune`, `make docs`.
 # CONFIG picks a config file; SET overrides single keys: SET="train.epochs=3 model.embedding_dim=64"
 CONFIG ?= configs/default.yaml
 SET ?=
@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
-.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench test lint clean
+.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench \
+	test test-all docs lint clean
 
 # Reinstalls only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -22,7 +23,7 @@ train: install
 	$(RUN) train --config $(CONFIG) $(SET_ARGS) $(if $(TUNED),--tuned $(TUNED)) $(ARGS)
 
 # WORKERS training processes on this machine under MultiWorkerMirroredStrategy, each with its
-# own TF_CONFIG on a free 127.0.0.1 port; to try multi-worker before using several machines (README).
+# own TF_CONFIG on a free 127.0.0.1 port; to try multi-worker before using several machines (docs/distributed.md).
 WORKERS ?= 2
 train-multiworker: install
 	$(RUN) train-workers --workers $(WORKERS) --config $(CONFIG) $(SET_ARGS) $(ARGS)
@@ -59,8 +60,17 @@ pretrain: install
 bench: install
 	$(RUN) bench --config $(CONFIG) $(SET_ARGS) $(ARGS)
 
+# The fast tier (a few minutes on 2 cores): every test but those marked slow.
 test: install
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Everything, the slow multi-process tests included (what CI runs).
+test-all: install
 	$(PY) -m pytest -q $(ARGS)
+
+# Regenerate docs/config.md from the config models (tests/test_docs.py checks it is current).
+docs: install
+	$(PY) -m pipeline.docs
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests

@@ -179,7 +179,7 @@ def _train_workers(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipeline import tune
+    from pipeline import tune, tune_report
 
     if args.worker and not args.tuner_id:
         raise ConfigError("--tuner-id: required with --worker (a unique name, e.g. tuner1)")
@@ -196,7 +196,7 @@ def _tune(args: argparse.Namespace) -> int:
         print("\ninterrupted: rerun the same command to resume; finished trials are kept and the "
               "interrupted one is rerun (--fresh starts over)", file=sys.stderr)
         return 130
-    print(tune.summary(result))
+    print(tune_report.summary(result))
     return 0
 
 

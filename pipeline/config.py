@@ -31,8 +31,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["tfds", "directory"] = "tfds"
-    tfds_name: str = "imdb_reviews"
+    source: Literal["tfds", "directory"] = "tfds"  # tfds (prepared copy) or an aclImdb-style folder
+    tfds_name: str = "imdb_reviews"  # the tfds dataset for source=tfds
     data_dir: str | None = None  # tfds data dir; None -> $TFDS_DATA_DIR, then ~/tensorflow_datasets
     directory: str | None = None  # aclImdb-style folder (train/{pos,neg}, test/{pos,neg})
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from train, never from test
@@ -49,20 +49,20 @@ class DataConfig(_Section):
 class VectorizeConfig(_Section):
     max_tokens: int = Field(20000, ge=3)  # vocabulary size, padding and OOV included
     max_length: int = Field(400, gt=0)  # tokens kept per review; IMDB averages ~230 words
-    adapt_batch_size: int = Field(1024, gt=0)
+    adapt_batch_size: int = Field(1024, gt=0)  # reviews per batch while adapting the vocabulary
 
 
 class ModelConfig(_Section):
-    embedding_dim: int = Field(128, gt=0)
-    lstm_units: int = Field(64, gt=0)
-    bidirectional: bool = True
-    num_layers: int = Field(1, ge=1, le=4)
+    embedding_dim: int = Field(128, gt=0)  # `make tune` searches it
+    lstm_units: int = Field(64, gt=0)  # per direction
+    bidirectional: bool = True  # read the review both ways
+    num_layers: int = Field(1, ge=1, le=4)  # stacked LSTM layers
     # how the LSTM outputs become one vector; concat: max and mean side by side
     pooling: Literal["last", "mean", "max", "concat"] = "last"
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drops whole embedding channels
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
-    learning_rate: float = Field(1e-3, gt=0.0)
-    # lm: embedding and LSTM from forward/backward language models (pipeline/lm.py)
+    learning_rate: float = Field(1e-3, gt=0.0)  # Adam
+    # word2vec: pretrained here; lm: embedding and LSTM from language models (pipeline/lm.py)
     embedding_init: Literal["random", "word2vec", "file", "lm"] = "random"
     embedding_file: str | None = None  # GloVe/word2vec text file for embedding_init=file
     embedding_trainable: bool = True  # False freezes pretrained vectors
@@ -83,21 +83,22 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0)  # at most; early stopping may end sooner
     batch_size: int = Field(64, gt=0)  # per replica; global batch = this x replicas
     lr_scaling: Literal["fixed", "linear"] = "fixed"  # linear: lr x replicas
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    early_stopping_patience: int = Field(2, ge=0)
-    # Epochs that train only the layers after the pretrained ones (embedding_init: lm), so a
-    # random head does not wreck the language models' weights with its first large gradients.
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # picks the best epoch, stops early
+    early_stopping_patience: int = Field(2, ge=0)  # epochs without improvement before stopping
+    # Epochs that train only the layers after the pretrained ones, so a random head does not
+    # wreck pretrained weights (language models above all) with its first large gradients.
     freeze_pretrained_epochs: int = Field(0, ge=0)
-    shuffle_buffer: int = Field(25000, gt=0)
+    shuffle_buffer: int = Field(25000, gt=0)  # reviews; >= the train split shuffles it fully
     bucket_by_length: bool = True  # batch similar lengths so the LSTM skips padding
     deterministic: bool = True  # same seed, same metrics (costs a little speed)
     verbose: Literal[0, 1, 2] | None = None  # Keras progress; None: bar on a TTY, lines otherwise
 
 
 class DistributeConfig(_Section):
+    # auto: mirrored over the visible GPUs, else default; multi_worker reads TF_CONFIG (docs/distributed.md)
     strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker"] = "auto"
     devices: list[str] | None = None  # e.g. ["/gpu:0", "/gpu:1"]; None = all visible
     mixed_precision: bool = False  # mixed_float16; worth it on GPUs only
@@ -109,21 +110,21 @@ class ExportConfig(_Section):
 
 
 class TuneConfig(_Section):
-    tuner: Literal["grid", "random", "hyperband", "bayesian"] = "grid"
-    embedding_dims: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    tuner: Literal["grid", "random", "hyperband", "bayesian"] = "grid"  # grid: each candidate once
+    embedding_dims: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])  # candidates
     # Embedding starts to compare, e.g. [random, word2vec]: one curve each. None: model.embedding_init.
     # Every word2vec candidate starts from vectors of its own size: the leading principal
     # components of one word2vec run at pretrain.vector_size (default: the largest size).
     embedding_init: list[Literal["random", "word2vec"]] | None = None
     lstm_units: list[int] | None = None  # None: not searched
-    dropout: list[float] | None = None
-    learning_rate: list[float] | None = None
+    dropout: list[float] | None = None  # None: not searched
+    learning_rate: list[float] | None = None  # None: not searched
     max_trials: int | None = Field(None, gt=0)  # None: the whole grid
     epochs: int = Field(5, gt=0)  # per trial, with early stopping
     # Training reviews per trial (the same ones for every trial); None: all. The vocabulary
     # is still adapted on all of them, as in the final run.
     max_train_examples: int | None = Field(None, gt=0)
-    directory: str = "tuning"
+    directory: str = "tuning"  # results go to <directory>/<name>/
 
     @model_validator(mode="after")
     def _candidates(self) -> TuneConfig:
@@ -146,9 +147,9 @@ class TuneConfig(_Section):
 
 class PretrainConfig(_Section):
     vector_size: int | None = Field(None, gt=0)  # None: model.embedding_dim
-    window: int = Field(5, gt=0)
-    min_count: int = Field(2, gt=0)
-    epochs: int = Field(5, gt=0)
+    window: int = Field(5, gt=0)  # words either side (skip-gram, negative sampling)
+    min_count: int = Field(2, gt=0)  # rarer words get no vector
+    epochs: int = Field(5, gt=0)  # passes over the corpus
     workers: int = Field(2, gt=0)  # gensim threads; this machine has 2 cores
     directory: str = "pretrained"  # cached vectors, keyed by their settings
     # Language models (model.embedding_init: lm); sizes come from model.embedding_dim/lstm_units.
@@ -156,15 +157,15 @@ class PretrainConfig(_Section):
     lm_sequence_length: int = Field(64, gt=1)  # tokens per window (backprop through time)
     lm_batch_size: int = Field(256, gt=0)  # windows per step: larger amortizes the per-step cost on a CPU
     lm_sampled_softmax: int = Field(512, gt=0)  # negatives per step; a full softmax is vocabulary-wide
-    lm_learning_rate: float = Field(2e-3, gt=0.0)
-    lm_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lm_learning_rate: float = Field(2e-3, gt=0.0)  # Adam, global gradient norm clipped at 1
+    lm_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the embeddings and the LSTM outputs
     lm_validation_reviews: int = Field(500, ge=0)  # held-out unlabelled reviews for perplexity
 
 
 class Config(_Section):
-    name: str = Field("imdb_lstm", pattern=r"^[A-Za-z0-9_.-]+$")  # saved_models/<name>/
-    seed: int = 42
-    runs_dir: str = "runs"
+    name: str = Field("imdb_lstm", pattern=r"^[A-Za-z0-9_.-]+$")  # saved_models/<name>/, runs/<name>/
+    seed: int = 42  # seeds Python, NumPy, TensorFlow and the shuffles
+    runs_dir: str = "runs"  # run directories: <runs_dir>/<name>/<time>-<fingerprint>/
     data: DataConfig = DataConfig()
     vectorize: VectorizeConfig = VectorizeConfig()
     model: ModelConfig = ModelConfig()

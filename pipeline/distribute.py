@@ -113,46 +113,6 @@ def shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-def fix_keras_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
-    """Let Keras 3 `fit` run under MultiWorkerMirroredStrategy (keras-team/keras#20585).
-
-    Keras 3.15 trips in two places once more than one worker takes part:
-    - before training, `fit` all-reduces one whole distributed batch just to learn
-      its shapes, which fails on an (ids, label) tuple ("Attempt to convert a value
-      (PerReplica...)"); this worker's own part of the batch has the same shapes,
-      so the model is built from that instead;
-    - each step averages the per-replica logs with `reduce(..., axis=0)`, which is
-      invalid for scalar metrics; they are averaged over all replicas instead.
-    The epoch metrics (history, early stopping, checkpoints) come from the metric
-    variables, which the strategy keeps in sync. Other strategies are left as they are.
-    """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    def build_from_local_batch(iterator=None, data_batch=None):
-        if iterator is not None:
-            for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0], next(batches))
-                break
-        with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    model._maybe_symbolic_build = build_from_local_batch
-    keras_reduce = tf_trainer.reduce_per_replica
-    if getattr(keras_reduce, "fixed_for_multi_worker", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
-            return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return keras_reduce(values, strategy, reduction)
-
-    reduce_per_replica.fixed_for_multi_worker = True
-    tf_trainer.reduce_per_replica = reduce_per_replica
-
-
 def gather_from_workers(strategy: tf.distribute.Strategy, value: int) -> list[int]:
     """`value` as every replica of every worker has it: a collective step all workers must take."""
     local = strategy.experimental_distribute_values_from_function(

@@ -53,7 +53,13 @@ class Corpus:
 
     def __init__(self, cfg: Config):
         raw = data_mod.load_raw(cfg.data, cfg.seed)
-        self.texts = data_mod.unsupervised_texts(cfg.data).concatenate(raw.train.map(lambda t, _: t))
+        unlabelled = data_mod.unsupervised_texts(cfg.data)
+        if data_mod.count(unlabelled) == 0:  # most of the corpus: say so rather than train on less
+            missing = (f"no unlabelled reviews in {Path(cfg.data.directory or '') / 'train' / 'unsup'}"
+                       if cfg.data.source == "directory"
+                       else f"the unsupervised split of {cfg.data.tfds_name!r} is empty")
+            log.warning("word2vec: %s; training on the labelled training reviews only", missing)
+        self.texts = unlabelled.concatenate(raw.train.map(lambda t, _: t))
 
     def __iter__(self) -> Iterator[list[str]]:
         return tokenized(self.texts)

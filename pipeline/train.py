@@ -28,10 +28,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
+from pipeline.compat import fix_keras_multi_worker
 from pipeline.config import Config, load_config, save_config
 from pipeline.distribute import (
     WorkerBackupAndRestore,
-    fix_keras_multi_worker,
     gather_from_workers,
     is_chief,
     make_strategy,

@@ -8,10 +8,10 @@ training strategy; the objective is val_accuracy on the validation split carved 
 train (the test split is never read here).
 
 Everything lands in `<tune.directory>/<name>/`: the KerasTuner project (`project/`,
-resumed on a rerun), `best_hparams.json` (`HyperParameters.get_config()`),
-`results.csv` / `results.md` / `results.png`, TensorBoard HParams logs (`logs/`),
-`search.json` and the resolved `config.yaml`. `make train TUNED=...` (or
-`model.tuned_hparams`) feeds the best values back through `apply_tuned`.
+resumed on a rerun), TensorBoard logs (`logs/`), `search.json`, the resolved
+`config.yaml`, and the report that `pipeline/tune_report.py` writes at the end
+(`results.*`, `best_hparams.json`). `make train TUNED=...` (or `model.tuned_hparams`)
+feeds the best values back through `apply_tuned`.
 
 Distributed tuning is KerasTuner's own chief/worker mode, driven by its environment
 variables (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT).
@@ -19,7 +19,6 @@ variables (KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT).
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import itertools
@@ -30,7 +29,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -38,24 +36,31 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
+from pipeline import compat
 from pipeline import data as data_mod
 from pipeline.config import Config, ConfigError, PipelineError, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.model import build_model, model_kwargs
 from pipeline.runs import DirLock, fingerprint, read_json, seed_everything, write_json
+from pipeline.tune_report import (
+    BEST_FILE,
+    LOGS_DIR,
+    OBJECTIVE,
+    SEARCH_FILE,
+    TuneResult,
+    failed_trials,
+    ranked_rows,
+    write_report,
+)
 from pipeline.vectorize import adapt_vectorizer, batch_ids, vectorize_cached
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val_accuracy"
 # Searched when tune.<knob> lists values; each is a model.* key.
 OPTIONAL_KNOBS = ("embedding_init", "lstm_units", "dropout", "learning_rate")
 PROJECT = "project"  # the KerasTuner project folder inside the output dir
-BEST_FILE = "best_hparams.json"
-SEARCH_FILE = "search.json"
-LOGS_DIR = "logs"
-EMBEDDING_DIR = "embedding"  # logs/<trial>/embedding: projector files and neighbours.json
+EMBEDDING_DIR = "embedding"  # logs/<trial>/execution0/embedding: projector files, neighbours.json
 NEIGHBOURS_FILE = "neighbours.json"
 IDLE_WAIT_S = 0.1  # a worker's pause when the chief has nothing to hand out yet
 RUNNING, IDLE, STOPPED = (kt.engine.trial.TrialStatus.RUNNING, kt.engine.trial.TrialStatus.IDLE,
@@ -64,21 +69,6 @@ RUNNING, IDLE, STOPPED = (kt.engine.trial.TrialStatus.RUNNING, kt.engine.trial.T
 
 class TuneError(PipelineError):
     """A search that produced nothing usable; the message says what happened."""
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    out_dir: Path
-    role: str  # single, chief or worker
-    tuner_id: str
-    space: dict[str, list]  # searched name -> candidates
-    rows: list[dict]  # finished trials among the current candidates, best first (empty on a worker)
-    trained: list[dict]  # trials this process ran in this session: trial_id, values, status
-    failed: list[dict]  # trials that failed: trial_id, values, message
-
-    @property
-    def best(self) -> dict | None:
-        return self.rows[0] if self.rows else None
 
 
 # --- the search space and the hypermodel ------------------------------------------------------
@@ -194,8 +184,12 @@ class ResumableGridOracle(kt.Oracle):
     search. A trial cut off by a kill is rerun first (KerasTuner's retry queue).
     """
 
+    def __init__(self, *args, **kwargs):
+        compat.check_tuner_internals()  # the KerasTuner internals read below
+        super().__init__(*args, **kwargs)
+
     def _untried(self) -> dict | None:
-        return next((v for v in grid(self.hyperparameters) if not self._duplicate(v)), None)
+        return next((v for v in grid(self.hyperparameters) if not compat.is_duplicate(self, v)), None)
 
     def populate_space(self, trial_id: str) -> dict:
         values = self._untried()
@@ -207,7 +201,7 @@ class ResumableGridOracle(kt.Oracle):
 
     def has_work(self) -> bool:
         """Whether a search would train anything (an interrupted trial or an untried candidate)."""
-        if self._retry_queue:
+        if compat.retry_queue(self):
             return True
         if self.max_trials and len(self.trials) >= self.max_trials:
             return False
@@ -468,177 +462,6 @@ def _run_search(cfg: Config, fresh: bool) -> TuneResult:
         detail = f"; the first failure: {failed[0]['message']}" if failed else ""
         raise TuneError(f"no trial finished in {out / PROJECT}{detail}")
     return result
-
-
-# --- the report -------------------------------------------------------------------------------
-
-
-def _metric(trial: kt.engine.trial.Trial, name: str) -> float | None:
-    return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
-
-
-def _in_space(values: dict, space: dict[str, list]) -> bool:
-    names = {k for k in values if not k.startswith("tuner/")}
-    return names == set(space) and all(values[k] in space[k] for k in space)
-
-
-def ranked_rows(oracle: kt.Oracle, space: dict[str, list]) -> list[dict]:
-    """One row per finished trial among the current candidates, best first.
-
-    Ranked by val accuracy; a tie goes to the lower val loss, then the smaller model.
-    """
-    rows = []
-    for trial in oracle.trials.values():
-        values = trial.hyperparameters.values
-        if trial.status != "COMPLETED" or not _in_space(values, space):
-            continue
-        row = {name: values[name] for name in space}
-        row |= {
-            "trainable_params": int(_metric(trial, "trainable_params") or 0),
-            OBJECTIVE: _metric(trial, OBJECTIVE),
-            "val_loss": _metric(trial, "val_loss"),
-            "epochs_run": int(_metric(trial, "epochs_run") or 0),
-            "best_epoch": int(_metric(trial, "best_epoch") or 0),
-            "seconds": round(_metric(trial, "seconds") or 0.0, 1),
-            "trial_id": trial.trial_id,
-        }
-        rows.append(row)
-    rows.sort(key=lambda r: (-r[OBJECTIVE], r["val_loss"], r["trainable_params"]))
-    return [{"rank": i + 1} | r for i, r in enumerate(rows)]
-
-
-def failed_trials(oracle: kt.Oracle) -> list[dict]:
-    out = []
-    for trial in oracle.trials.values():
-        if trial.status in ("FAILED", "INVALID"):
-            lines = (trial.message or "").strip().splitlines()
-            out.append({"trial_id": trial.trial_id, "values": dict(trial.hyperparameters.values),
-                        "message": lines[-1] if lines else "no message"})
-    return out
-
-
-def _fmt(column: str, value) -> str:
-    if column in (OBJECTIVE, "val_loss"):
-        return f"{value:.4f}"
-    if column == "seconds":
-        return f"{value:.1f}"
-    if column == "trainable_params":
-        return f"{value:,}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    header = [c.replace("_", " ") for c in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(c, r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot_results(rows: list[dict], out_png: Path) -> None:
-    """Val accuracy and trainable parameters against embedding dim (best trial per dim)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best_per_dim: dict[int, dict] = {}
-    for r in rows:  # ranked, so the first row of a dim is its best
-        best_per_dim.setdefault(r["embedding_dim"], r)
-    dims = sorted(best_per_dim)
-    acc = [best_per_dim[d][OBJECTIVE] for d in dims]
-    params = [best_per_dim[d]["trainable_params"] for d in dims]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(dims, acc, "o-", color="tab:blue", label="val accuracy")
-    ax.plot([rows[0]["embedding_dim"]], [rows[0][OBJECTIVE]], "*", color="tab:red", markersize=16,
-            label="best")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(dims, [str(d) for d in dims])
-    ax.minorticks_off()
-    ax.set_xlabel("embedding dim")
-    ax.set_ylabel("val accuracy (best epoch)", color="tab:blue")
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(dims, params, "s--", color="tab:orange", label="trainable params")
-    ax2.set_ylabel("trainable params", color="tab:orange")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
-    ax.set_title("validation accuracy and model size against embedding dim")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def write_hparams_config(logs: Path, space: dict[str, list]) -> None:
-    """The HParams dashboard's experiment: the searched values and the validation metrics (once)."""
-    if any(logs.glob("events.out.tfevents*")):
-        return
-    from tensorboard.plugins.hparams import api as hp_api
-
-    hparams = [hp_api.HParam(name, hp_api.Discrete(values)) for name, values in space.items()]
-    metrics = [hp_api.Metric("epoch_accuracy", group="validation", display_name="val accuracy"),
-               hp_api.Metric("epoch_loss", group="validation", display_name="val loss")]
-    logs.mkdir(parents=True, exist_ok=True)
-    with tf.summary.create_file_writer(str(logs)).as_default():
-        hp_api.hparams_config(hparams=hparams, metrics=metrics)
-
-
-def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
-    """results.csv / .md / .png, best_hparams.json, search.json and the HParams experiment."""
-    out, rows = result.out_dir, result.rows
-    info = read_json(out / SEARCH_FILE)
-    info |= {"status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "space": result.space, "epochs_per_trial": cfg.tune.epochs,
-             "trials": {"finished": len(rows), "failed": len(result.failed),
-                        "all": len(oracle.trials), "this_session": len(result.trained)},
-             "failed": result.failed, "best": result.best}
-    write_json(out / SEARCH_FILE, info)
-    write_hparams_config(out / LOGS_DIR, result.space)
-    if not rows:
-        return
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    best = result.best
-    chosen = ", ".join(f"{k}={best[k]}" for k in result.space)
-    space_text = "; ".join(f"{k} {v}" for k, v in result.space.items())
-    (out / "results.md").write_text(
-        f"# Tuning {cfg.name}\n\n"
-        f"{cfg.tune.tuner} search over {space_text}. Objective: val accuracy on the validation "
-        f"split (never the test split), best epoch of each trial; up to {cfg.tune.epochs} epochs "
-        f"per trial with early stopping (patience {cfg.train.early_stopping_patience}). Ties go to "
-        "the lower val loss, then the smaller model. Seconds: the trial's `fit`.\n\n"
-        f"{markdown_table(rows)}\n\n"
-        f"Best: **{chosen}** (trial {best['trial_id']}), saved to `{BEST_FILE}`; "
-        "`make train TUNED=latest` trains with it.\n")
-    plot_results(rows, out / "results.png")
-    # Written last: its presence means the report above is complete.
-    hps = oracle.trials[best["trial_id"]].hyperparameters
-    write_json(out / BEST_FILE, hps.get_config())
-
-
-def summary(result: TuneResult) -> str:
-    """What a person reads at the end: the table, the best value, where the files are."""
-    if result.role == "worker":
-        ran = ", ".join(f"trial {t['trial_id']} {t['values']} {t['status']}" for t in result.trained)
-        return (f"{result.tuner_id}: ran {len(result.trained)} trial(s){': ' + ran if ran else ''}; "
-                "the chief writes the report")
-    out, best = result.out_dir, result.best
-    chosen = ", ".join(f"{k}={best[k]}" for k in result.space)
-    counts = f"{len(result.rows)} finished trial(s), " + (
-        "run by the workers" if result.role == "chief" else f"{len(result.trained)} trained in this session")
-    if result.failed:
-        counts += f", {len(result.failed)} failed (see {out / SEARCH_FILE})"
-    lines = [
-        "", markdown_table(result.rows), "", counts,
-        f"best: {chosen}  val_accuracy {best[OBJECTIVE]:.4f}  val_loss {best['val_loss']:.4f}  "
-        f"{best['trainable_params']:,} trainable params (trial {best['trial_id']})",
-        f"report: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}",
-        f"best hyperparameters: {out / BEST_FILE}  (make train TUNED=latest)",
-        f"TensorBoard HParams: tensorboard --logdir {out / LOGS_DIR}",
-    ]
-    return "\n".join(lines)
 
 
 # --- hand-off to training ---------------------------------------------------------------------

@@ -1,10 +1,13 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.cli import main
 from tests.conftest import tiny_overrides
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end(imdb_dir, tmp_path, capsys):
     args = ["train"]
     for item in tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=2"]:

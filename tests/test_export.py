@@ -29,6 +29,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_export_round_trip_in_a_tensorflow_only_process(trained_run):
     cfg, result = trained_run
     path = result.export.path
@@ -51,9 +52,11 @@ def test_signature_shapes(trained_run):
     assert spec.shape.as_list() == [None] and spec.dtype == tf.string
     out = sig(text=tf.constant(["", "x", "great " * 1000]))["probability"]
     assert out.shape == (3,) and out.dtype == tf.float32
-    assert np.all(np.isfinite(out)) and np.all((out.numpy() >= 0) & (out.numpy() <= 1))
+    assert np.all(np.isfinite(out))
+    assert out[2] > 0.5  # "great" over and over: the model has learnt that word
 
 
+@pytest.mark.slow
 def test_second_export_is_version_2_and_leaves_version_1(trained_run):
     cfg, result = trained_run
     v1 = Path(result.export.path)
@@ -122,6 +125,7 @@ def test_concurrent_publishes_get_different_versions(tmp_path):
     assert existing_versions(model_dir) == list(range(1, 3 * racers + 1))
 
 
+@pytest.mark.slow
 def test_failed_export_check_leaves_no_version_and_no_temp_folder(trained_run, monkeypatch):
     cfg, result = trained_run
     model_dir = Path(cfg.export.dir) / cfg.name
@@ -134,6 +138,7 @@ def test_failed_export_check_leaves_no_version_and_no_temp_folder(trained_run, m
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_failed_run_adds_no_version(imdb_dir, tmp_path, monkeypatch):
     cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=1"])
 
@@ -179,6 +184,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_serving_signature_takes_any_text(trained_run):
     _, result = trained_run
     proc = subprocess.run([sys.executable, "-I", "-c", ANY_TEXT, result.export.path],
@@ -190,10 +196,14 @@ def test_serving_signature_takes_any_text(trained_run):
                            "emoji_cjk", "html", "batch_of_one", "batch_of_10000"}
     for name, r in report.items():
         assert r["shape"] == [r["n"]] and r["dtype"] == "float32", name
-        assert r["finite"] and 0.0 <= r["min"] <= r["max"] <= 1.0, (name, r)
+        assert r["finite"], (name, r)
+    assert report["megabyte"]["min"] > 0.5, report["megabyte"]  # "a great film, " over and over
+    varied = report["batch_of_10000"]  # different texts, different scores: the text reaches the model
+    assert varied["min"] < varied["max"], varied
     assert report["batch_of_10000"]["n"] == 10000 and report["batch_of_one"]["n"] == 1
 
 
+@pytest.mark.slow
 def test_cli_reports_a_failed_export_check_in_one_line(imdb_dir, tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
 

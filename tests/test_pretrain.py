@@ -1,15 +1,18 @@
+import logging
+
 import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.pretrain import (
+    Corpus,
     cache_path,
     embedding_matrix,
     read_vectors_file,
     train_word2vec,
     word2vec_for_size,
 )
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, write_aclimdb
 
 
 def test_read_glove_and_word2vec_text_formats(tmp_path):
@@ -96,7 +99,6 @@ def test_each_smaller_size_reduces_one_word2vec_run_once(imdb_dir, tmp_path):
 
 def test_word2vec_corpus_is_unlabelled_and_training_text_only(imdb_dir, tmp_path):
     from pipeline import data as data_mod
-    from pipeline.pretrain import Corpus
 
     cfg = _w2v_cfg(imdb_dir, tmp_path)
     corpus = set(Corpus(cfg).texts.as_numpy_iterator())
@@ -104,3 +106,26 @@ def test_word2vec_corpus_is_unlabelled_and_training_text_only(imdb_dir, tmp_path
     train = {t for t, _ in raw.train.as_numpy_iterator()}
     held = {t for t, _ in raw.validation.as_numpy_iterator()} | {t for t, _ in raw.test.as_numpy_iterator()}
     assert corpus == train and not corpus & held
+
+
+def test_word2vec_says_when_the_unlabelled_reviews_are_missing(imdb_dir, tmp_path, caplog):
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
+        corpus = Corpus(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"word2vec: no unlabelled reviews in {imdb_dir / 'train' / 'unsup'}; "
+                        "training on the labelled training reviews only"]
+    assert sum(1 for _ in corpus) == 90  # the training split alone (120 minus a quarter)
+
+
+def test_word2vec_reads_the_unlabelled_reviews_without_a_warning(tmp_path, caplog):
+    imdb = write_aclimdb(tmp_path / "aclImdb")
+    unsup = imdb / "train" / "unsup"
+    unsup.mkdir()
+    for i in range(5):
+        (unsup / f"{i}_0.txt").write_text("an unlabelled review of a film")
+    cfg = load_config(None, tiny_overrides(imdb, tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
+        corpus = Corpus(cfg)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(1 for _ in corpus) == 95

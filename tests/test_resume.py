@@ -71,6 +71,7 @@ def _stop_after_epoch(proc: subprocess.Popen, out: Path, after: int, sig: int) -
     proc.wait(timeout=120)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_in_the_same_run_dir(imdb_dir, tmp_path, reference_run):
     out = tmp_path / "out"
     # 1. SIGKILL mid-run: nothing gets to clean up.
@@ -112,6 +113,7 @@ def test_killed_run_resumes_in_the_same_run_dir(imdb_dir, tmp_path, reference_ru
     assert json.loads((run / "metrics.json").read_text()) == reference_run.metrics
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(imdb_dir, tmp_path, reference_run):
     cfg = load_config(None, _overrides(imdb_dir, tmp_path))
     again = train(cfg, export=False)

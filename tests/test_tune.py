@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import tune
+from pipeline import tune, tune_report
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.model import build_model, model_kwargs
@@ -118,7 +118,7 @@ def test_report_agrees_with_the_tuner_records(searched):
     for trial_id in trials:
         assert any((out / "logs" / trial_id).rglob("events.out.tfevents*"))
     assert any((out / "logs").glob("events.out.tfevents*"))
-    text = tune.summary(result)
+    text = tune_report.summary(result)
     assert f"best: embedding_dim={rows[0]['embedding_dim']}" in text and "best_hparams.json" in text
 
 
@@ -132,6 +132,7 @@ def test_rerun_trains_nothing_again(searched):
     assert {f: f.stat().st_mtime_ns for f in trials.glob("trial_*/*")} == before
 
 
+@pytest.mark.slow
 def test_training_uses_the_tuned_values(searched, imdb_dir, tmp_path, capsys):
     cfg, result, _ = searched
     best_file = tune.output_dir(cfg) / "best_hparams.json"
@@ -162,6 +163,7 @@ def test_changed_settings_need_fresh(searched, imdb_dir):
         tune.run_search(changed)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys):
     """A copy of the finished search, one more candidate listed, Ctrl-C during its trial: the
     rerun trains that candidate only; the finished trials are kept as they were."""
@@ -184,7 +186,7 @@ def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, mo
     assert statuses == {4: "COMPLETED", 8: "COMPLETED", 16: "RUNNING"}
 
     monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", fit)
-    monkeypatch.setattr(tune, "summary", lambda r: json.dumps(r.trained))  # what this session ran
+    monkeypatch.setattr(tune_report, "summary", lambda r: json.dumps(r.trained))  # what this session ran
     assert main(["tune"] + extended) == 0
     ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [t["values"] for t in ran] == [{"embedding_dim": 16}]
@@ -254,6 +256,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"the chief did not listen on port {port} within {timeout}s")
 
 
+@pytest.mark.slow
 def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
     """Every candidate is trained exactly once across the workers; the chief reports the best."""
     dims = [4, 8]
