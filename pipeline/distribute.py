@@ -21,6 +21,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipeline import compat
 from pipeline.config import ConfigError, DistributeConfig
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,11 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
     forever. So before restoring, the workers agree on the oldest epoch any of them
     has; a worker ahead restores its previous backup (`double_checkpoint=True`).
     """
+
+    def __init__(self, *args, **kwargs):
+        # It re-implements Keras privates: an upgrade that renames them fails here, loudly.
+        compat.check_backup_internals()
+        super().__init__(*args, **kwargs)
 
     def _saved_epoch(self) -> int:
         path = Path(self._training_metadata_path)
