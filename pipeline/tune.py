@@ -45,7 +45,9 @@ from pipeline.model import build_model, model_kwargs
 from pipeline.runs import DirLock, fingerprint, read_json, seed_everything, write_json
 from pipeline.tune_report import (
     BEST_FILE,
+    EMBEDDING_DIR,
     LOGS_DIR,
+    NEIGHBOURS_FILE,
     OBJECTIVE,
     SEARCH_FILE,
     TuneResult,
@@ -60,8 +62,6 @@ log = logging.getLogger(__name__)
 # Searched when tune.<knob> lists values; each is a model.* key.
 OPTIONAL_KNOBS = ("embedding_init", "lstm_units", "dropout", "learning_rate")
 PROJECT = "project"  # the KerasTuner project folder inside the output dir
-EMBEDDING_DIR = "embedding"  # logs/<trial>/execution0/embedding: projector files, neighbours.json
-NEIGHBOURS_FILE = "neighbours.json"
 IDLE_WAIT_S = 0.1  # a worker's pause when the chief has nothing to hand out yet
 RUNNING, IDLE, STOPPED = (kt.engine.trial.TrialStatus.RUNNING, kt.engine.trial.TrialStatus.IDLE,
                           kt.engine.trial.TrialStatus.STOPPED)
@@ -96,11 +96,6 @@ def grid(space: kt.HyperParameters) -> Iterator[dict]:
     names = [p.name for p in space.space]
     for combo in itertools.product(*(list(p.values) for p in space.space)):
         yield dict(zip(names, combo, strict=True))
-
-
-def trial_embedding_dir(out: Path, trial_id: str) -> Path | None:
-    """A trial's embedding files: logs/<trial>/execution<N>/embedding (KerasTuner's nesting)."""
-    return next(iter(sorted((out / LOGS_DIR / trial_id).glob(f"*/{EMBEDDING_DIR}"))), None)
 
 
 def trainable_params(model: keras.Model) -> int:

@@ -18,6 +18,7 @@ import keras_tuner as kt
 import tensorflow as tf
 
 from pipeline.config import Config
+from pipeline.embeddings import neighbours_markdown
 from pipeline.runs import read_json, write_json
 
 # Shared with tune.py, which imports them from here: the report never imports the search.
@@ -25,6 +26,8 @@ OBJECTIVE = "val_accuracy"
 BEST_FILE = "best_hparams.json"
 SEARCH_FILE = "search.json"
 LOGS_DIR = "logs"
+EMBEDDING_DIR = "embedding"  # logs/<trial>/execution0/embedding: projector files, neighbours.json
+NEIGHBOURS_FILE = "neighbours.json"
 
 
 @dataclass(frozen=True)
@@ -104,32 +107,64 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trial_embedding_dir(out: Path, trial_id: str) -> Path | None:
+    """A trial's embedding files: logs/<trial>/execution<N>/embedding (KerasTuner's nesting)."""
+    return next(iter(sorted((out / LOGS_DIR / trial_id).glob(f"*/{EMBEDDING_DIR}"))), None)
+
+
+def best_per_size(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """Embedding init -> embedding dim -> its best row (rows are ranked, so the first wins)."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("embedding_init", ""), {}).setdefault(r["embedding_dim"], r)
+    return out
+
+
+def neighbours_section(out: Path, rows: list[dict]) -> str:
+    """Per embedding init, the probe words' nearest neighbours at each size, side by side."""
+    parts = []
+    for init, by_dim in best_per_size(rows).items():
+        columns = {}
+        for dim in sorted(by_dim):
+            folder = trial_embedding_dir(out, by_dim[dim]["trial_id"])
+            if folder is not None and (folder / NEIGHBOURS_FILE).is_file():
+                columns[f"{dim}-d"] = read_json(folder / NEIGHBOURS_FILE)
+        if columns:
+            title = f"### {init} start\n\n" if init else ""
+            parts.append(f"{title}{neighbours_markdown(columns)}")
+    if not parts:
+        return ""
+    return ("## What each embedding learned\n\nThe five nearest words (cosine) to each probe word in "
+            "the trained embedding of the best trial of each size.\n\n" + "\n\n".join(parts) + "\n")
+
+
 def plot_results(rows: list[dict], out_png: Path) -> None:
-    """Val accuracy and trainable parameters against embedding dim (best trial per dim)."""
+    """Val accuracy (one line per embedding init) and trainable parameters against embedding dim."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best_per_dim: dict[int, dict] = {}
-    for r in rows:  # ranked, so the first row of a dim is its best
-        best_per_dim.setdefault(r["embedding_dim"], r)
-    dims = sorted(best_per_dim)
-    acc = [best_per_dim[d][OBJECTIVE] for d in dims]
-    params = [best_per_dim[d]["trainable_params"] for d in dims]
+    curves = best_per_size(rows)
+    params_by_dim = {d: r["trainable_params"] for by_dim in curves.values() for d, r in by_dim.items()}
+    dims = sorted(params_by_dim)
+    params = [params_by_dim[d] for d in dims]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(dims, acc, "o-", color="tab:blue", label="val accuracy")
+    for init, by_dim in curves.items():
+        xs = sorted(by_dim)
+        label = f"val accuracy, {init} start" if init else "val accuracy"
+        ax.plot(xs, [by_dim[d][OBJECTIVE] for d in xs], "o-", label=label)
     ax.plot([rows[0]["embedding_dim"]], [rows[0][OBJECTIVE]], "*", color="tab:red", markersize=16,
             label="best")
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
     ax.minorticks_off()
     ax.set_xlabel("embedding dim")
-    ax.set_ylabel("val accuracy (best epoch)", color="tab:blue")
+    ax.set_ylabel("val accuracy (best epoch)")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(dims, params, "s--", color="tab:orange", label="trainable params")
-    ax2.set_ylabel("trainable params", color="tab:orange")
+    ax2.plot(dims, params, "s--", color="tab:gray", label="trainable params")
+    ax2.set_ylabel("trainable params", color="tab:gray")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
     ax.set_title("validation accuracy and model size against embedding dim")
@@ -180,11 +215,21 @@ def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
         "the lower val loss, then the smaller model. Seconds: the trial's `fit`.\n\n"
         f"{markdown_table(rows)}\n\n"
         f"Best: **{chosen}** (trial {best['trial_id']}), saved to `{BEST_FILE}`; "
-        "`make train TUNED=latest` trains with it.\n")
+        "`make train TUNED=latest` trains with it.\n\n"
+        "![validation accuracy and trainable parameters against embedding size](results.png)\n\n"
+        f"{neighbours_section(out, rows)}{projector_line(out, best)}")
     plot_results(rows, out / "results.png")
     # Written last: its presence means the report above is complete.
     hps = oracle.trials[best["trial_id"]].hyperparameters
     write_json(out / BEST_FILE, hps.get_config())
+
+
+def projector_line(out: Path, best: dict) -> str:
+    folder = trial_embedding_dir(out, best["trial_id"])
+    if folder is None:
+        return ""
+    return (f"\nThe best trial's embedding in TensorBoard's Embedding Projector: "
+            f"`tensorboard --logdir {folder}` (Projector tab).\n")
 
 
 def summary(result: TuneResult) -> str:

@@ -112,7 +112,8 @@ def test_report_agrees_with_the_tuner_records(searched):
     assert trials[rows[0]["trial_id"]].score == max(t.score for t in trials.values())
     assert result.best["trial_id"] == rows[0]["trial_id"]
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 3 and f"embedding_dim={rows[0]['embedding_dim']}" in md
+    results_table = md.split("## What each embedding learned")[0]
+    assert results_table.count("\n| ") == 3 and f"embedding_dim={rows[0]['embedding_dim']}" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # TensorBoard: one log dir per trial with its HParams session, and the experiment at the top.
     for trial_id in trials:
@@ -329,11 +330,17 @@ def test_one_search_compares_random_and_word2vec_starts_per_size(imdb_dir, tmp_p
     assert hypermodel.pretrained_matrix("random", 4) is None
     # What each trial's embedding learned: projector files and probe-word neighbours.
     for row in result.rows:
-        folder = tune.trial_embedding_dir(out, row["trial_id"])
+        folder = tune_report.trial_embedding_dir(out, row["trial_id"])
         neighbours = json.loads((folder / "neighbours.json").read_text())
         assert {"excellent", "awful", "boring"} <= set(neighbours)  # probes in the tiny vocabulary
         assert all(len(v) == 5 for v in neighbours.values())
         assert (folder / "projector_config.pbtxt").is_file()
+    # The report: one row per (init, size), the neighbour tables side by side, the best projector.
+    md = (out / "results.md").read_text()
+    assert "### random start" in md and "### word2vec start" in md
+    assert "| word | 4-d | 8-d |" in md and "| **awful** |" in md
+    assert f"tensorboard --logdir {tune_report.trial_embedding_dir(out, result.best['trial_id'])}" in md
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # The hand-off: the chosen start, and for word2vec the vectors it was scored with.
     best = result.best
     d = cfg.to_dict()
