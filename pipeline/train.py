@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from pipeline import data as data_mod
 from pipeline.config import Config, load_config, save_config
+from pipeline.constants import THRESHOLD
 from pipeline.distribute import (
     WorkerBackupAndRestore,
     fix_keras_multi_worker,
@@ -36,7 +37,7 @@ from pipeline.distribute import (
     strategy_name,
     task_name,
 )
-from pipeline.export import ExportResult, export_model, save_result
+from pipeline.export import ExportResult, check_writable, export_model, save_result
 from pipeline.model import build_model, model_kwargs
 from pipeline.vectorize import (
     adapt_vectorizer,
@@ -276,7 +277,7 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset) -> dict:
         probs.append(np.asarray(predict(ids), dtype=np.float64).reshape(-1))
         labels.append(y.numpy().reshape(-1))
     p, y = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
-    pred = (p >= 0.5).astype(np.int64)
+    pred = (p >= THRESHOLD).astype(np.int64)
     tp, fp = int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0)))
     tn, fn = int(np.sum((pred == 0) & (y == 0))), int(np.sum((pred == 0) & (y == 1)))
     eps = 1e-7
@@ -344,6 +345,13 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     seed_everything(cfg)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     chief = not multi_worker or is_chief()
+    if export and chief:
+        check_writable(cfg)  # an export folder that cannot be written fails now, not after training
+    # The data is loaded and read through once before a run folder exists: a missing download or
+    # a damaged file leaves nothing under runs/.
+    raw = data_mod.load_raw(cfg.data, cfg.seed)
+    sizes = data_mod.check_nonempty(raw)
+    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()))
     # Only the chief writes the run; other workers write to a scratch dir deleted at the end.
     run_dir, resumed = open_run_dir(cfg, fresh) if chief else open_worker_dir(cfg, fresh)
     log.info("%s %s in %s", "resuming" if resumed else "new",
@@ -356,10 +364,6 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         "workers": num_workers() if multi_worker else 1,
     }
     write_json(run_dir / RUN_FILE, info)
-
-    raw = data_mod.load_raw(cfg.data, cfg.seed)
-    sizes = data_mod.check_nonempty(raw)
-    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()))
 
     vocab_path = run_dir / VOCAB_FILE
     if resumed and vocab_path.is_file():
