@@ -336,11 +336,14 @@ def setup_logging(verbose: bool) -> None:
         # Read once when TensorFlow loads, so it must be set before: hides its C++ start-up
         # lines (CPU features, CUDA probes, op attributes); failures still raise in Python.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    # gensim, absl (tfds opens a file, builds a split), tensorflow (multi-worker collectives)
-    # and KerasTuner log INFO at the root's level; ours is always shown.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # gensim (every lifecycle step), tensorflow (multi-worker collectives) and the rest log
+    # at the root's level; ours is always shown.
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    # tfds warns through absl about folders it merely looked into ("Variant folder ... has no
+    # dataset_info.json") while checking for a prepared copy.
+    logging.getLogger("absl").setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
 def _one_line(exc: BaseException) -> str:
