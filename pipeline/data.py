@@ -235,4 +235,7 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
         return ds.map(lambda text, _: text)
     folder = Path(cfg.directory or "") / "train" / "unsup"
     files = sorted(str(f) for f in folder.glob("*.txt"))
+    if not files:  # allowed (a folder without them still trains), but never silently
+        log.warning("no unlabelled reviews in %s: word2vec learns from the labelled training "
+                    "reviews only", folder)
     return tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string)).map(tf.io.read_file)

@@ -220,3 +220,12 @@ def test_damaged_record_file_is_named_before_any_epoch(tmp_path, how):
         check_nonempty(splits)
     message = str(info.value)
     assert str(bad) in message and "damaged" in message and len(message.splitlines()) == 1
+
+
+def test_missing_unlabelled_reviews_are_warned_about(imdb_dir, caplog):
+    from pipeline.data import unsupervised_texts
+
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        ds = unsupervised_texts(DataConfig(source="directory", directory=str(imdb_dir)))
+    assert int(ds.cardinality()) == 0
+    assert any("no unlabelled reviews" in r.getMessage() for r in caplog.records)
