@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from pipeline import data as data_mod
 from pipeline.config import Config
+from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.export import export_model, in_memory_predict
 from pipeline.model import build_model, model_kwargs
 from pipeline.runs import seed_everything
@@ -75,7 +76,7 @@ def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
 
 
 def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean((probs.reshape(-1) >= 0.5) == labels))
+    return float(np.mean((probs.reshape(-1) >= THRESHOLD) == labels))
 
 
 def _throughput(fn, texts: list[str], batch: int) -> float:
@@ -171,8 +172,8 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     try:
         export_cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": str(out)})})
         exported = export_model(vectorizer, model, export_cfg, texts[:32])
-        serve = tf.saved_model.load(exported.path).signatures["serving_default"]
-        saved_fn = lambda xs: serve(text=tf.constant(xs))["probability"].numpy()  # noqa: E731
+        serve = tf.saved_model.load(exported.path).signatures[SIGNATURE]
+        saved_fn = lambda xs: serve(**{INPUT_NAME: tf.constant(xs)})[OUTPUT_NAME].numpy()  # noqa: E731
         # The in-memory side gets the same advantage as the export: one traced graph, not eager calls.
         in_memory = tf.function(
             lambda t: model(texts_to_padded_ids(vectorizer, t, cfg.vectorize.max_length), training=False),

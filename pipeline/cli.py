@@ -1,12 +1,21 @@
-"""Command line: the only module that defines flags. `imdb-pipeline <command> --help`."""
+"""Command line: the only module that defines flags. `imdb-pipeline <command> --help`.
+
+Nothing here imports TensorFlow at module level: a config error is reported before any
+stage (and TensorFlow's start-up) is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
+import re
+import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -14,16 +23,53 @@ from pipeline.config import ConfigError, PipelineError, load_config
 
 log = logging.getLogger("pipeline")
 
+INTERRUPT_HINT = ("interrupted: rerun the same command to resume: training from the last completed "
+                  "epoch, or at evaluation and export if training had finished (add --fresh to start "
+                  "over)")
+STDOUT_CLOSED = 141  # 128 + SIGPIPE: what `yes | head -1` leaves for `yes`
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds (temp folders, child processes) as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set train.epochs=3 (repeatable; "
-                        "space-separated pairs in one argument also work)")
+                   help="override one key, e.g. --set train.epochs=3 (repeatable; several pairs in "
+                        "one argument also work, and a value may hold spaces: --set 'name=a b')")
+    # Also accepted after the command; SUPPRESS keeps the subparser from resetting the global flag.
+    p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                   help="show library INFO logs and TensorFlow's start-up lines")
+
+
+_KEY = re.compile(r"[A-Za-z_][\w.]*=")  # where a new key=value pair starts
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    return [item for arg in args.overrides for item in arg.split()]
+    """Each --set argument split shell-like into key=value pairs.
+
+    A word that does not start a `key=` continues the previous value, so `--set "name=my model"`
+    and `--set "a=1 b=2"` both mean what they say; quotes keep a value's spaces exactly.
+    """
+    items: list[str] = []
+    for arg in args.overrides:
+        try:
+            words = shlex.split(arg)
+        except ValueError as exc:  # e.g. an unmatched quote
+            raise ConfigError(f"--set {arg!r}: {exc}") from None
+        pairs: list[str] = []
+        for word in words:
+            if pairs and not _KEY.match(word):
+                pairs[-1] += " " + word
+            else:
+                pairs.append(word)
+        items += pairs
+    return items
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -34,7 +80,10 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imdb-pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="imdb-pipeline",
+                                     description="Train, tune, export and serve an IMDB sentiment model.")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show library INFO logs and TensorFlow's start-up lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="ingest, vectorize, train, evaluate and export")
@@ -98,12 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pipeline.train import train
+def _import_tensorflow(args: argparse.Namespace) -> None:
+    """Import TensorFlow, unless --verbose with stderr (fd 2) pointed at /dev/null meanwhile.
 
+    Its C++ start-up lines (absl's InitializeLog notice, "Could not find cuda drivers") are
+    printed during the import, before TF_CPP_MIN_LOG_LEVEL applies. An import that fails
+    still raises, with its traceback, once stderr is back.
+    """
+    if args.verbose or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _train(args: argparse.Namespace) -> int:
     # JSON quoting keeps the path a string when read as YAML.
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
+    _import_tensorflow(args)  # after the config: a bad one fails before TensorFlow loads
+    from pipeline.train import train
+
     provenance = None
     if cfg.model.tuned_hparams:  # resolved before training and handed over as data
         from pipeline.tune import apply_tuned
@@ -127,11 +197,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    if args.run and not (Path(args.run) / "config.yaml").is_file():
+        raise PipelineError(f"--run {args.run}: not a run directory (no config.yaml); "
+                            f"runs are under {cfg.runs_dir}/{cfg.name}/")
+    _import_tensorflow(args)
     from pipeline.runs import latest_finished_run
     from pipeline.train import export_run
 
-    cfg = load_config(args.config, _overrides(args))
-    run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
+    try:
+        run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
+    except FileNotFoundError as exc:  # "no finished run": the user's to fix, not a bug
+        raise PipelineError(str(exc)) from None
     result = export_run(run_dir, export_dir=cfg.export.dir)
     print(f"exported {run_dir} -> {result.path} (version {result.version}; reloaded "
           f"predictions within {result.max_abs_diff:.2g})")
@@ -140,6 +217,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)
     if cfg.model.embedding_init == "lm":
         from pipeline.lm import train_lm
 
@@ -152,9 +230,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)
     from pipeline.bench import markdown_table, peer_table, run_bench, run_peer, write_report
 
-    cfg = load_config(args.config, _overrides(args))
     if args.peer_only:  # seconds: the reference figures on whole splits (0 = all reviews)
         result = run_peer(cfg, args.train_examples or None, args.test_examples or None)
         print(peer_table(result, ""))
@@ -167,58 +246,71 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train_workers(args: argparse.Namespace) -> int:
-    from pipeline.distribute import run_local_workers
-
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1 (got {args.workers})")
     load_config(args.config, _overrides(args))  # a bad config fails once, here, not in every worker
-    argv = ["train", *(["--config", args.config] if args.config else [])]
-    argv += [f"--set={item}" for item in _overrides(args)]
+    _import_tensorflow(args)
+    from pipeline.distribute import run_local_workers
+
+    argv = ["--verbose"] * bool(getattr(args, "verbose", False))
+    argv += ["train", *(["--config", args.config] if args.config else [])]
+    argv += [f"--set={shlex.quote(item)}" for item in _overrides(args)]  # split again in each worker
     argv += ["--fresh"] * args.fresh + ["--no-export"] * args.no_export
     return run_local_workers(args.workers, argv)
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipeline import tune, tune_report
-
     if args.worker and not args.tuner_id:
         raise ConfigError("--tuner-id: required with --worker (a unique name, e.g. tuner1)")
     if args.fresh and args.worker:
         raise ConfigError("--fresh: only the chief (or a single process) starts a search over")
     cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)
+    from pipeline import tune, tune_report
+
     if args.chief:
         tune.set_role("chief", *args.chief)
     elif args.worker:
         tune.set_role("worker", *args.worker, tuner_id=args.tuner_id)
     try:
         result = tune.run_search(cfg, fresh=args.fresh)
-    except KeyboardInterrupt:  # the tuning resume hint differs from training's
+    except KeyboardInterrupt as exc:  # the tuning resume hint differs from training's
         print("\ninterrupted: rerun the same command to resume; finished trials are kept and the "
               "interrupted one is rerun (--fresh starts over)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     print(tune_report.summary(result))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import load, predict  # TensorFlow only: no training code
-
     if args.model:
         model = Path(args.model)
     else:
         cfg = load_config(args.config, _overrides(args))
         model = Path(cfg.export.dir) / cfg.name
     if args.texts:
-        texts = args.texts
+        texts = iter(args.texts)
     elif sys.stdin.isatty():
         print("error: give reviews as arguments, or pipe them one per line on stdin", file=sys.stderr)
         return 2
     else:  # bytes: a line that is not valid UTF-8 is still scored
-        texts = (line.rstrip(b"\r\n") for line in sys.stdin.buffer if line.strip())
+        lines = (line.rstrip(b"\r\n") for line in sys.stdin.buffer if line.strip())
+        first = next(lines, None)  # before loading the model: no input is an error at once
+        if first is None:
+            raise PipelineError("no reviews on stdin (it was empty or held only blank lines): "
+                                "pipe one review per line, or give them as arguments")
+        texts = itertools.chain([first], lines)
+    _import_tensorflow(args)
+    from pipeline.predict import load, predict  # TensorFlow only: no training code
+
     path, serve = load(model)
     log.info("model: %s", path)
-    for row in predict(serve, texts):
-        print(json.dumps(row, ensure_ascii=False))
+    try:
+        for row in predict(serve, texts):
+            print(json.dumps(row, ensure_ascii=False))
+    except BrokenPipeError:  # the reader closed the pipe (e.g. `| head -1`): nothing to do
+        _silence_stdout()
+        return STDOUT_CLOSED
     return 0
 
 
@@ -240,28 +332,66 @@ COMMANDS = {
 }
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _flush_stdout() -> bool:
+    """Flush now, where a closed pipe can be handled; False if the reader has gone."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        _silence_stdout()
+        return False
+
+
+def setup_logging(verbose: bool) -> None:
+    """The pipeline's own INFO lines; libraries' only from WARNING up, unless `verbose`."""
+    if not verbose:
+        # Read once when TensorFlow loads, so it must be set before: hides its C++ start-up
+        # lines (CPU features, CUDA probes, op attributes); failures still raise in Python.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # gensim (every lifecycle step), tensorflow (multi-worker collectives) and the rest log
+    # at the root's level; ours is always shown.
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    # tfds warns through absl about folders it merely looked into ("Variant folder ... has no
+    # dataset_info.json") while checking for a prepared copy.
+    logging.getLogger("absl").setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " / ".join(lines) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # TensorFlow's C++ log is mostly noise here (no CUDA, op attributes); errors still raise.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # tfds logs every file it opens
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # multi-worker logs every collective
+    args.verbose = getattr(args, "verbose", False)  # the subcommand's flag, or the global one
+    setup_logging(args.verbose)
     warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's rule
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # kill, docker stop
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        return code if _flush_stdout() else STDOUT_CLOSED
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"config error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (PipelineError, FileNotFoundError) as exc:  # data, export and tuning errors alike
-        print(f"error: {exc}", file=sys.stderr)
+    except PipelineError as exc:  # data, export, predict and tuning errors alike
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume: training from the last completed "
-              "epoch, or at evaluation and export if training had finished (add --fresh to start "
-              "over)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM via _on_sigterm
+        print(f"\n{INTERRUPT_HINT}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

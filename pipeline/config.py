@@ -6,11 +6,12 @@ Unknown keys, wrong types and out-of-range values are refused at load with a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class PipelineError(RuntimeError):
@@ -34,6 +35,10 @@ class DataConfig(_Section):
     source: Literal["tfds", "directory"] = "tfds"  # tfds (prepared copy) or an aclImdb-style folder
     tfds_name: str = "imdb_reviews"  # the tfds dataset for source=tfds
     data_dir: str | None = None  # tfds data dir; None -> $TFDS_DATA_DIR, then ~/tensorflow_datasets
+    # auto: download and prepare with tfds when the data dir has no prepared copy (after a quick
+    # check that the download host answers); always: leave it to tfds, no check (e.g. behind an
+    # unusual proxy); never: use a prepared copy only
+    download: Literal["auto", "always", "never"] = "auto"
     directory: str | None = None  # aclImdb-style folder (train/{pos,neg}, test/{pos,neg})
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from train, never from test
     max_train_examples: int | None = Field(None, gt=0)  # quick runs; None = all
@@ -163,7 +168,7 @@ class PretrainConfig(_Section):
 
 
 class Config(_Section):
-    name: str = Field("imdb_lstm", pattern=r"^[A-Za-z0-9_.-]+$")  # saved_models/<name>/, runs/<name>/
+    name: str = "imdb_lstm"  # a plain folder name: saved_models/<name>/, runs/<name>/
     seed: int = 42  # seeds Python, NumPy, TensorFlow and the shuffles
     runs_dir: str = "runs"  # run directories: <runs_dir>/<name>/<time>-<fingerprint>/
     data: DataConfig = DataConfig()
@@ -175,8 +180,48 @@ class Config(_Section):
     tune: TuneConfig = TuneConfig()
     pretrain: PretrainConfig = PretrainConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        # `..` or `a/b` would put versions and runs outside their folders.
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+            raise ValueError("must be a plain folder name of letters, digits, '-', '_' and '.', "
+                             f"not '.' or '..' (got {name!r})")
+        return name
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat base's keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: SafeLoader reports it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong and on which line (PyYAML's own text spans several)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -185,9 +230,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc.problem}") from None
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {getattr(exc, 'problem', exc)}") from None
     return key.strip().split("."), value
 
 
@@ -236,9 +281,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = _yaml_load(p.read_text())
+        except OSError as exc:  # e.g. not readable by this user
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML, {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r}: top level must be a mapping")
         data = loaded or {}

@@ -7,7 +7,11 @@ the final evaluation.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +19,10 @@ import tensorflow as tf
 
 from pipeline.config import DataConfig, PipelineError
 
+log = logging.getLogger(__name__)
+
 CLASS_NAMES = ("neg", "pos")  # label 0, label 1, as in tfds imdb_reviews
+PROBE_TIMEOUT = 10.0  # seconds to wait for the download host before calling tfds (which retries for minutes)
 
 
 class DataError(PipelineError):
@@ -29,6 +36,7 @@ class RawSplits:
     train: tf.data.Dataset
     validation: tf.data.Dataset
     test: tf.data.Dataset
+    files: tuple[str, ...] = ()  # record files behind the splits, to name a corrupt one
 
 
 def _percent(fraction: float) -> int:
@@ -36,24 +44,78 @@ def _percent(fraction: float) -> int:
     return min(max(pct, 1), 99)
 
 
-def _tfds_splits(cfg: DataConfig, seed: int) -> tuple[tf.data.Dataset, ...]:
+def tfds_data_dir(cfg: DataConfig) -> str | None:
+    """Where tfds keeps prepared datasets: data.data_dir, then $TFDS_DATA_DIR, then tfds's default."""
+    return cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _tfds_hint(cfg: DataConfig, why: str) -> DataError:
+    return DataError(
+        f"cannot load tfds dataset {cfg.tfds_name!r} ({why}): set TFDS_DATA_DIR "
+        "(or data.data_dir) to a folder holding a prepared copy, e.g. "
+        "TFDS_DATA_DIR=../shared/tfds, or use data.source=directory"
+    )
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None if the server of `url` answers within `timeout` seconds, else why not.
+
+    A HEAD request through urllib (so proxy settings apply), in a thread so that a slow
+    name lookup, which a socket timeout does not cover, is bounded too.
+    """
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                outcome.append(None)
+        except urllib.error.HTTPError:  # an HTTP status is an answer
+            outcome.append(None)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            outcome.append(str(getattr(exc, "reason", exc)))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def _tfds_download(cfg: DataConfig, builder) -> bool:
+    """Whether tfds.load may download: data.download, and for `auto` a quick look at the network."""
+    if cfg.download != "auto":
+        return cfg.download == "always"
+    if builder.is_prepared():
+        return False
+    url = next(iter(builder.url_infos or {}), None)  # from the dataset's checksums file
+    why = unreachable(url) if url else None
+    if why:
+        raise _tfds_hint(cfg, f"no prepared copy in {builder.data_dir} and its download "
+                              f"server cannot be reached: {why}")
+    log.info("no prepared copy of %s in %s: downloading and preparing it (once)",
+             cfg.tfds_name, builder.data_dir)
+    return True
+
+
+def _tfds_splits(cfg: DataConfig, seed: int) -> tuple[tuple[tf.data.Dataset, ...], tuple[str, ...]]:
+    """The three splits, and the record files they read."""
     import tensorflow_datasets as tfds
 
-    data_dir = cfg.data_dir or os.environ.get("TFDS_DATA_DIR")
+    data_dir = tfds_data_dir(cfg)
     cut = _percent(cfg.validation_fraction)
     splits = [f"train[:{cut}%]", f"train[{cut}%:]", "test"]
     try:
-        # download=False: a missing copy fails fast instead of hanging on the network.
-        return tuple(tfds.load(cfg.tfds_name, split=splits, data_dir=data_dir, download=False,
-                               as_supervised=True, shuffle_files=False,
-                               read_config=tfds.ReadConfig(shuffle_seed=seed)))
+        builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
+        download = _tfds_download(cfg, builder)
+        datasets = tuple(tfds.load(cfg.tfds_name, split=splits, data_dir=data_dir, download=download,
+                                   as_supervised=True, shuffle_files=False,
+                                   read_config=tfds.ReadConfig(shuffle_seed=seed)))
+    except DataError:
+        raise
     except Exception as exc:  # tfds raises many types; the user needs one message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"cannot load tfds dataset {cfg.tfds_name!r} ({first}): set TFDS_DATA_DIR "
-            "(or data.data_dir) to a folder holding a prepared copy, e.g. "
-            "TFDS_DATA_DIR=../shared/tfds, or use data.source=directory"
-        ) from exc
+        raise _tfds_hint(cfg, first) from exc
+    files = tuple(sorted(str(f) for f in Path(builder.data_dir).glob("*.tfrecord*")))
+    return datasets, files
 
 
 def _check_class_dirs(folder: Path) -> None:
@@ -101,15 +163,16 @@ def _directory_splits(cfg: DataConfig, seed: int) -> tuple[tf.data.Dataset, ...]
 
 def load_raw(cfg: DataConfig, seed: int) -> RawSplits:
     """Load train / validation / test as (text, label) datasets, capped as configured."""
+    files: tuple[str, ...] = ()
     if cfg.source == "tfds":
-        train, val, test = _tfds_splits(cfg, seed)
+        (train, val, test), files = _tfds_splits(cfg, seed)
     else:
         train, val, test = _directory_splits(cfg, seed)
     if cfg.max_train_examples:
         train = train.take(cfg.max_train_examples)
     if cfg.max_eval_examples:
         val, test = val.take(cfg.max_eval_examples), test.take(cfg.max_eval_examples)
-    return RawSplits(train=train, validation=val, test=test)
+    return RawSplits(train=train, validation=val, test=test, files=files)
 
 
 def count(ds: tf.data.Dataset) -> int:
@@ -120,14 +183,34 @@ def count(ds: tf.data.Dataset) -> int:
     return int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
 
 
+def unreadable_file(files: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first record file that does not read back whole (with the reason), or None."""
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                pass
+        except tf.errors.OpError as exc:
+            return path, exc.message.splitlines()[0]
+    return None
+
+
 def check_nonempty(splits: RawSplits, names: tuple[str, ...] = ("train", "validation", "test")
                    ) -> dict[str, int]:
-    """Count each named split; an empty one is an error that names it."""
+    """Read each named split once, whole, and count it: before any epoch, not in the middle of one.
+
+    An unreadable record (a truncated or corrupted file) or an empty split is an error that
+    names the file or the split.
+    """
     sizes = {}
     for name in names:
+        ds = getattr(splits, name)
         try:
-            n = count(getattr(splits, name))
+            n = int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
         except tf.errors.OpError as exc:
+            bad = unreadable_file(splits.files)
+            if bad:
+                raise DataError(f"cannot read the {name} split: {bad[0]} is damaged ({bad[1]}); "
+                                "prepare the dataset again or restore the file") from None
             raise DataError(f"cannot read the {name} split: {exc.message.splitlines()[0]}") from None
         if n == 0:
             raise DataError(f"the {name} split is empty: check the data source and the "
@@ -141,10 +224,13 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
 
-        data_dir = cfg.data_dir or os.environ.get("TFDS_DATA_DIR")
+        data_dir = tfds_data_dir(cfg)
         try:
+            builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
             ds = tfds.load(cfg.tfds_name, split="unsupervised", data_dir=data_dir,
-                           download=False, as_supervised=True)
+                           download=_tfds_download(cfg, builder), as_supervised=True)
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"cannot load the unsupervised split of {cfg.tfds_name!r}: {exc}") from exc
         return ds.map(lambda text, _: text)
@@ -162,9 +248,8 @@ def data_identity(cfg: DataConfig) -> dict:
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
 
-        data_dir = cfg.data_dir or os.environ.get("TFDS_DATA_DIR")
         try:
-            info = tfds.builder(cfg.tfds_name, data_dir=data_dir).info
+            info = tfds.builder(cfg.tfds_name, data_dir=tfds_data_dir(cfg)).info
         except Exception as exc:  # tfds raises many types; the user needs one message
             raise DataError(f"cannot read the info of tfds dataset {cfg.tfds_name!r}: {exc}") from exc
         return {"source": "tfds", "name": info.full_name, "version": str(info.version),

@@ -1,9 +1,10 @@
 """Export raw strings -> probability as a versioned TF SavedModel that TF Serving loads.
 
-The version is written to a temporary folder, reloaded and checked in a separate
-process that imports only TensorFlow, and only then renamed to
-`<dir>/<name>/<N>/`; TF Serving ignores non-numeric folders, so it never sees a
-half-written version, and earlier versions are never touched.
+The version is written to a temporary folder `<dir>/<name>/.tmp-export-<host>-<pid>-*/`,
+reloaded and checked in a separate process that imports only TensorFlow, and only then
+renamed to `<dir>/<name>/<N>/`; TF Serving ignores non-numeric folders, so it never sees
+a half-written version, and earlier versions are never touched. A failure removes the
+temporary folder; one left by a killed exporter is removed by the next export.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,25 +25,42 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import Config, PipelineError
+from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 from pipeline.model import build_model, model_kwargs
 from pipeline.vectorize import texts_to_padded_ids
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "serving_default"
-INPUT_NAME = "text"
-OUTPUT_NAME = "probability"
 WARMUP_FILE = "tf_serving_warmup_requests"
+TEMP_PREFIX = ".tmp-export-"  # + <host>-<pid>-<random>: whose it is, to clear it once its owner is gone
 
+# First lines of the reload child (argv: export path, texts JSON, parent pid): it must not
+# outlive the exporter. Linux kills it when the parent dies (PR_SET_PDEATHSIG = 1); elsewhere
+# a thread watches the parent pid.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys, threading, time
+try:
+    if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL)) != 0:
+        raise OSError("prctl")
+except (OSError, AttributeError):
+    def _watch():
+        while os.getppid() == int(sys.argv[3]):
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=_watch, daemon=True).start()
+if os.getppid() != int(sys.argv[3]):  # the exporter died before the watch began
+    sys.exit(1)
+"""
 # Run in a fresh interpreter: proves the export needs nothing but TensorFlow.
-_RELOAD_SCRIPT = """
-import json, sys
+_RELOAD_BODY = f"""
+import json
 import tensorflow as tf
 texts = json.load(open(sys.argv[2]))
-fn = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-out = fn(text=tf.constant(texts, dtype=tf.string))["probability"]
+fn = tf.saved_model.load(sys.argv[1]).signatures["{SIGNATURE}"]
+out = fn({INPUT_NAME}=tf.constant(texts, dtype=tf.string))["{OUTPUT_NAME}"]
 json.dump(out.numpy().astype(float).tolist(), sys.stdout)
 """
+_RELOAD_SCRIPT = _DIE_WITH_PARENT + _RELOAD_BODY
 
 
 class ExportError(PipelineError):
@@ -105,19 +124,81 @@ def write_warmup_requests(export_path: Path, texts: list[str], model_name: str) 
 
 
 def reload_predict(export_path: Path, texts: list[str]) -> np.ndarray:
-    """Probabilities from the SavedModel, computed in a process that imports only TensorFlow."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(texts, f)
+    """Probabilities from the SavedModel, computed in a process that imports only TensorFlow.
+
+    The texts go in a file beside `export_path` (inside the export's temporary folder, so a
+    kill leaves nothing in the system temp folder); the child dies with this process.
+    """
+    texts_file = export_path.parent / f"{export_path.name}.check-texts.json"
+    texts_file.write_text(json.dumps(texts))
     try:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run([sys.executable, "-I", "-c", _RELOAD_SCRIPT, str(export_path), f.name],
+        proc = subprocess.run([sys.executable, "-I", "-c", _RELOAD_SCRIPT, str(export_path),
+                               str(texts_file), str(os.getpid())],
                               capture_output=True, text=True, env=env, timeout=600)
     finally:
-        os.unlink(f.name)
+        texts_file.unlink(missing_ok=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise ExportError(f"reloading the export failed: {tail[0]}")
     return np.asarray(json.loads(proc.stdout), dtype=np.float64)
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clear_stale_temps(model_dir: Path) -> list[Path]:
+    """Remove temporary export folders whose exporter (on this host) is gone, e.g. after kill -9."""
+    host, removed = socket.gethostname(), []
+    for folder in model_dir.glob(f"{TEMP_PREFIX}*"):
+        owner_host, _, rest = folder.name[len(TEMP_PREFIX):].rpartition("-")[0].rpartition("-")
+        pid = rest if rest.isdigit() else ""
+        # Another host's folder (a shared disk) or an unparseable name: its owner cannot be checked.
+        if owner_host == host and pid and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d temporary export folder(s) left by exporters that are gone", len(removed))
+    return removed
+
+
+def _cannot_write(model_dir: Path, exc: BaseException) -> ExportError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+        exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
+    why = (why or type(exc).__name__).strip().splitlines()[0]
+    return ExportError(f"cannot write the export to {model_dir}: {why}; nothing was published "
+                       "(free space or fix permissions, then run `make export`)")
+
+
+def check_writable(cfg: Config) -> None:
+    """Fail now, not after training, if `<export.dir>/<name>/` cannot be created and written.
+
+    Probes with a temporary folder in the nearest existing folder on that path and removes
+    it again: nothing is left behind.
+    """
+    target = Path(cfg.export.dir) / cfg.name
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"cannot export to {target}: {existing} is not a folder "
+                          "(set export.dir to a folder you can write)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=_temp_prefix(), dir=existing))
+    except OSError as exc:
+        raise ExportError(f"cannot export to {target}: {existing} is not writable ({exc.strerror}); "
+                          "set export.dir to a folder you can write") from None
 
 
 def existing_versions(model_dir: Path) -> list[int]:
@@ -144,24 +225,31 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
                  check_texts: list[str]) -> ExportResult:
     """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure."""
     model_dir = Path(cfg.export.dir) / cfg.name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_path.chmod(0o777 & ~umask)  # mkdtemp makes it private; a serving user must read it
     try:
-        _serving_archive(vectorizer, model, cfg).write_out(str(tmp_path), verbose=False)
-        write_warmup_requests(tmp_path, check_texts[:8], cfg.name)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_temps(model_dir)
+        work = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=model_dir))
+    except OSError as exc:
+        raise _cannot_write(model_dir, exc) from None
+    staged = work / "model"  # what gets published; created with the usual permissions
+    try:
+        try:
+            _serving_archive(vectorizer, model, cfg).write_out(str(staged), verbose=False)
+            write_warmup_requests(staged, check_texts[:8], cfg.name)
+        except (OSError, tf.errors.OpError) as exc:  # disk full, permissions, quota
+            raise _cannot_write(model_dir, exc) from None
         expected = in_memory_predict(vectorizer, model, check_texts, cfg.vectorize.max_length)
-        got = reload_predict(tmp_path, check_texts)
+        got = reload_predict(staged, check_texts)
         diff = float(np.max(np.abs(expected - got)))
         if not np.all(np.isfinite(got)) or diff > cfg.export.verify_tolerance:
             raise ExportError(f"export check failed: reloaded predictions differ by {diff:.3g} "
                                f"(tolerance {cfg.export.verify_tolerance:g})")
-        path, version = publish(tmp_path, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp_path, ignore_errors=True)
-        raise
+        try:
+            path, version = publish(staged, model_dir)
+        except OSError as exc:
+            raise _cannot_write(model_dir, exc) from None
+    finally:  # after a publish only the emptied work folder is left; after a failure, all of it
+        shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s (version %d); reloaded predictions match within %.2g",
              path, version, diff)
     return ExportResult(str(path), version, diff, len(check_texts))

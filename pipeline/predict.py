@@ -10,11 +10,14 @@ from pathlib import Path
 
 import tensorflow as tf
 
-SIGNATURE = "serving_default"  # the names pipeline/export.py writes
-INPUT_NAME = "text"
-OUTPUT_NAME = "probability"
-THRESHOLD = 0.5  # as in the evaluation: probability >= 0.5 is "pos"
+from pipeline.config import PipelineError
+from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
+
 CHUNK = 1024  # reviews per call, so a long stdin stream never sits in memory at once
+
+
+class ModelError(PipelineError):
+    """No exported model where one was asked for, or one that cannot be loaded."""
 
 
 def resolve_version(model: Path) -> Path:
@@ -24,7 +27,7 @@ def resolve_version(model: Path) -> Path:
     versions = sorted((int(p.name), p) for p in model.glob("*")
                       if p.name.isdigit() and (p / "saved_model.pb").is_file()) if model.is_dir() else []
     if not versions:
-        raise FileNotFoundError(f"no exported model under {model}: run `make train` (or `make export`) "
+        raise ModelError(f"no exported model under {model}: run `make train` (or `make export`) "
                                 "first, or pass --model saved_models/<name>[/<N>]")
     return versions[-1][1]
 
@@ -32,7 +35,16 @@ def resolve_version(model: Path) -> Path:
 def load(model: Path):
     """The `serving_default` function of the newest (or given) version."""
     path = resolve_version(model)
-    return path, tf.saved_model.load(str(path)).signatures[SIGNATURE]
+    try:
+        signatures = tf.saved_model.load(str(path)).signatures
+    except Exception as exc:  # a damaged file fails in protobuf, TF or Python: all mean the same
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the exported model {path}: {why}; export it again "
+                         "(`make export`) or pass another version with --model") from None
+    if SIGNATURE not in signatures:
+        raise ModelError(f"the model {path} has no {SIGNATURE!r} signature: not an export of "
+                         "this pipeline")
+    return path, signatures[SIGNATURE]
 
 
 def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:

@@ -127,7 +127,7 @@ def word2vec_for_size(cfg: Config, dim: int) -> Path:
 def read_vectors_file(path: Path) -> dict[str, np.ndarray]:
     """A GloVe or word2vec text file: `word f1 f2 ...` per line (a `count dim` header is skipped)."""
     if not path.is_file():
-        raise FileNotFoundError(f"model.embedding_file {str(path)!r} does not exist")
+        raise data_mod.DataError(f"model.embedding_file {str(path)!r} does not exist")
     vectors: dict[str, np.ndarray] = {}
     dim = None
     with path.open(encoding="utf-8", errors="replace") as f:
@@ -139,10 +139,10 @@ def read_vectors_file(path: Path) -> dict[str, np.ndarray]:
                 continue
             dim = dim or len(parts) - 1
             if len(parts) - 1 != dim:
-                raise ValueError(f"{path}:{lineno}: {len(parts) - 1} values, expected {dim}")
+                raise data_mod.DataError(f"{path}:{lineno}: {len(parts) - 1} values, expected {dim}")
             vectors[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
     if not vectors:
-        raise ValueError(f"{path}: no vectors found")
+        raise data_mod.DataError(f"{path}: no vectors found")
     return vectors
 
 

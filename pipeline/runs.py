@@ -58,7 +58,8 @@ RESUMABLE = ("running", "trained")
 # how much is printed, how tuning searches and word2vec caches, and where tuned values
 # came from (the values themselves count). The data's identity replaces its paths.
 NOT_IN_FINGERPRINT = ("runs_dir", "export", "tune", "train.verbose", "pretrain.workers",
-                      "pretrain.directory", "model.tuned_hparams", "data.data_dir", "data.directory")
+                      "pretrain.directory", "model.tuned_hparams", "data.data_dir", "data.directory",
+                      "data.download")
 
 
 class RunBusyError(PipelineError):

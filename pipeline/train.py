@@ -30,6 +30,7 @@ import tensorflow as tf
 from pipeline import data as data_mod
 from pipeline.compat import fix_keras_multi_worker
 from pipeline.config import Config, load_config, save_config
+from pipeline.constants import THRESHOLD
 from pipeline.distribute import (
     WorkerBackupAndRestore,
     gather_from_workers,
@@ -41,7 +42,7 @@ from pipeline.distribute import (
     task_name,
 )
 from pipeline.embeddings import write_projector
-from pipeline.export import ExportResult, export_model, save_result
+from pipeline.export import ExportResult, check_writable, export_model, save_result
 from pipeline.model import PretrainedSchedule, build_model, model_kwargs
 from pipeline.pretrain import initial_weights
 from pipeline.runs import (
@@ -101,8 +102,10 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     seed_everything(cfg)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     chief = not multi_worker or is_chief()
+    if export and chief:
+        check_writable(cfg)  # an export folder that cannot be written fails now, not after training
 
-    # Data: read and counted before anything is written under runs/.
+    # Data: read through (a damaged file is named) before anything is written under runs/.
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     sizes = data_mod.check_nonempty(raw)
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()))
@@ -292,7 +295,7 @@ def evaluate(model: keras.Model, test_ds: tf.data.Dataset) -> dict:
         probs.append(np.asarray(predict(ids), dtype=np.float64).reshape(-1))
         labels.append(y.numpy().reshape(-1))
     p, y = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
-    pred = (p >= 0.5).astype(np.int64)
+    pred = (p >= THRESHOLD).astype(np.int64)
     tp, fp = int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0)))
     tn, fn = int(np.sum((pred == 0) & (y == 0))), int(np.sum((pred == 0) & (y == 1)))
     eps = 1e-7

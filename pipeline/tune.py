@@ -475,8 +475,8 @@ def apply_tuned(cfg: Config) -> tuple[Config, dict]:
     source = cfg.model.tuned_hparams or "latest"
     path = tuned_path(cfg, source)
     if not path.is_file():
-        raise FileNotFoundError(f"model.tuned_hparams: no tuning result at {path}: run `make tune` "
-                                "with the same config first, or pass the path of a best_hparams.json")
+        raise TuneError(f"model.tuned_hparams: no tuning result at {path}: run `make tune` "
+                       "with the same config first, or pass the path of a best_hparams.json")
     try:
         hps = kt.HyperParameters.from_config(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as exc:

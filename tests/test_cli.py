@@ -1,9 +1,12 @@
 import json
+import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import INTERRUPT_HINT, main, setup_logging
 from tests.conftest import tiny_overrides
 
 
@@ -33,6 +36,7 @@ def test_cli_data_error_exits_nonzero_and_exports_nothing(tmp_path, capsys):
     assert main(args) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not Path(tmp_path / "saved").exists()
+    assert not Path(tmp_path / "runs").exists()  # the data is loaded before a run folder is made
 
 
 def test_module_entry_point_help():
@@ -56,3 +60,139 @@ def test_cli_unreadable_review_exits_nonzero_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "7_1.txt" in err[0] and "broken link" in err[0]
     assert not (tmp_path / "saved_models").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# `python -m pipeline ...`, reporting on stdout whether TensorFlow was imported.
+RUN_MODULE = """
+import runpy, sys
+sys.argv = ["pipeline", *sys.argv[1:]]
+try:
+    runpy.run_module("pipeline", run_name="__main__")
+finally:
+    print("TENSORFLOW_IMPORTED" if "tensorflow" in sys.modules else "NO_TENSORFLOW")
+"""
+
+
+def test_config_error_comes_before_tensorflow():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", RUN_MODULE, "train", "--set", "bogus=1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["config error: bogus: unknown key"]
+    assert proc.stdout.strip() == "NO_TENSORFLOW"
+
+
+def _parsed_overrides(*sets: str) -> list[str]:
+    from pipeline.cli import _overrides, build_parser
+
+    return _overrides(build_parser().parse_args(["check-config", *(a for s in sets for a in ("--set", s))]))
+
+
+def test_set_splits_pairs_and_keeps_spaces_in_values():
+    assert _parsed_overrides("train.epochs=3 model.dropout=0.5") == ["train.epochs=3", "model.dropout=0.5"]
+    assert _parsed_overrides("data.directory=/my reviews/aclImdb") == ["data.directory=/my reviews/aclImdb"]
+    assert _parsed_overrides("data.directory='/a  b' train.epochs=2") == ["data.directory=/a  b",
+                                                                           "train.epochs=2"]
+    assert _parsed_overrides('data.directory="x=y z"') == ["data.directory=x=y z"]
+
+
+def test_set_value_with_spaces_reaches_the_config(capsys):
+    assert main(["check-config", "--set", "data.directory=/my reviews", "--set",
+                 "data.data_dir='/two  spaces' train.epochs=3"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["data"]["directory"] == "/my reviews" and cfg["data"]["data_dir"] == "/two  spaces"
+    assert cfg["train"]["epochs"] == 3
+
+
+def test_set_with_an_unmatched_quote_is_a_config_error(capsys):
+    assert main(["check-config", "--set", "data.directory='/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No closing quotation" in err[0]
+
+
+def _sigterm_caught(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
+    return False
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_is_handled_like_ctrl_c(sig, code):
+    import subprocess
+    import sys
+    import time
+
+    # `predict` waits on stdin for its first review before loading anything: a quiet place to stop.
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", "--model", "nowhere"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _sigterm_caught(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    assert err.strip().splitlines() == [INTERRUPT_HINT]
+
+
+def test_tensorflow_start_up_lines_are_hidden():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", "nowhere", "x"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [  # TensorFlow was loaded, and said nothing
+        "error: no exported model under nowhere: run `make train` (or `make export`) first, "
+        "or pass --model saved_models/<name>[/<N>]"]
+
+
+def test_library_info_logs_only_with_verbose():
+    root = logging.getLogger()
+    before = root.level, logging.getLogger("absl").level
+    try:
+        setup_logging(verbose=False)
+        assert logging.getLogger("pipeline.train").isEnabledFor(logging.INFO)
+        for chatty in ("gensim.models.word2vec", "tensorflow", "absl"):
+            assert not logging.getLogger(chatty).isEnabledFor(logging.INFO), chatty
+        assert logging.getLogger("tensorflow").isEnabledFor(logging.WARNING)
+        setup_logging(verbose=True)
+        assert logging.getLogger("gensim.models.word2vec").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(before[0])
+        logging.getLogger("absl").setLevel(before[1])
+
+
+def test_verbose_is_accepted_before_and_after_the_command():
+    from pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["--verbose", "check-config"]).verbose is True
+    assert build_parser().parse_args(["check-config", "-v"]).verbose is True
+    assert getattr(build_parser().parse_args(["check-config"]), "verbose", False) is False
+
+
+def test_damaged_tfds_data_stops_before_training_with_one_line(tmp_path, capsys):
+    from tests.test_data import damage, tiny_tfds
+
+    bad = tiny_tfds(tmp_path / "tfds")
+    damage(bad, "truncated")
+    capsys.readouterr()  # tfds's progress bars while preparing
+    args = ["train"]
+    for item in tiny_overrides(tmp_path, tmp_path)[:3] + [
+            "data.source=tfds", "data.tfds_name=tiny_reviews", f"data.data_dir={tmp_path / 'tfds'}",
+            "data.download=never"]:
+        args += ["--set", item]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "damaged" in err[0]
+    assert "Epoch" not in captured.out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()

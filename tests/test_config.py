@@ -78,3 +78,58 @@ def test_cli_missing_config_file_exits_2(tmp_path, capsys, monkeypatch):
 def test_cli_bad_override_exits_2(capsys):
     assert main(["check-config", "--set", "train.epochs=-1"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "my model", ""])
+def test_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(ConfigError, match=r"^name: must be a plain folder name"):
+        load_config(None, [f"name={name!r}"])
+
+
+def test_name_may_hold_dots_dashes_and_underscores():
+    assert load_config(None, ["name=imdb_lstm-v1.2"]).name == "imdb_lstm-v1.2"
+
+
+def test_duplicate_yaml_key_is_named(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 3\n  batch_size: 8\n  epochs: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "duplicate key 'epochs'" in message and "line 4" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_duplicate_top_level_section_is_refused(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 3\nmodel:\n  lstm_units: 8\ntrain:\n  batch_size: 8\n")
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "duplicate key 'train'" in err[0]
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-base: &base {epochs: 3, batch_size: 8}\n")
+    from pipeline.config import _yaml_load
+
+    data = _yaml_load(path.read_text() + "train:\n  <<: *base\n  epochs: 4\n")
+    assert data["train"] == {"epochs": 4, "batch_size": 8}
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert len(str(info.value).splitlines()) == 1 and "line" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["auto", "always", "never"])
+def test_data_download_modes(mode):
+    assert load_config(None, [f"data.download={mode}"]).data.download == mode
+
+
+def test_data_download_rejects_other_values():
+    with pytest.raises(ConfigError, match=r"data\.download"):
+        load_config(None, ["data.download=sometimes"])

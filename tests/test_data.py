@@ -1,9 +1,52 @@
+import socket
+import time
+from pathlib import Path
+
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import pipeline.data
 from pipeline.config import DataConfig
-from pipeline.data import DataError, check_nonempty, load_raw
+from pipeline.data import DataError, check_nonempty, load_raw, tfds_data_dir, unreachable
+
+REFUSED = "http://127.0.0.1:1/aclImdb_v1.tar.gz"  # nothing listens on port 1: refused at once
+
+
+class TinyReviews(tfds.core.GeneratorBasedBuilder):
+    """A tfds dataset built from memory, so a real prepared copy (tfrecord files) exists offline."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "text": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=["neg", "pos"])}),
+            supervised_keys=("text", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(60), "test": self._generate_examples(20)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"text": f"review number {i} " + "good " * (i % 7), "label": i % 2}
+
+
+def tiny_tfds(data_dir: Path) -> Path:
+    """Prepare TinyReviews under `data_dir`; returns its train record file."""
+    builder = TinyReviews(data_dir=str(data_dir))
+    builder.download_and_prepare()
+    return next(Path(builder.data_dir).glob("tiny_reviews-train.tfrecord*"))
+
+
+def damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:  # one flipped byte in the middle: the record's checksum no longer matches
+        i = len(raw) // 2
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
 
 
 def _texts(ds):
@@ -12,7 +55,7 @@ def _texts(ds):
 
 def test_tfds_source_with_mock_data():
     with tfds.testing.mock_data(num_examples=24):
-        splits = load_raw(DataConfig(max_train_examples=10), seed=0)
+        splits = load_raw(DataConfig(max_train_examples=10, download="never"), seed=0)
         assert check_nonempty(splits)["train"] == 10
         text, label = next(iter(splits.train))
     assert text.dtype == tf.string and label.dtype == tf.int64
@@ -20,7 +63,7 @@ def test_tfds_source_with_mock_data():
 
 def test_tfds_missing_says_how_to_fix(tmp_path):
     with pytest.raises(DataError, match="TFDS_DATA_DIR"):
-        load_raw(DataConfig(data_dir=str(tmp_path)), seed=0)
+        load_raw(DataConfig(data_dir=str(tmp_path), download="never"), seed=0)
 
 
 def test_directory_source_carves_validation_deterministically(imdb_dir):
@@ -82,3 +125,98 @@ def test_unreadable_review_file_is_named(tmp_path, kind):
         bad.symlink_to(tmp_path / "gone.txt")
     with pytest.raises(DataError, match=r"cannot read review file .*99_9\.txt.*remove it or fix it"):
         load_raw(DataConfig(source="directory", directory=str(root)), seed=0)
+
+
+class FakeBuilder:
+    def __init__(self, prepared: bool, url: str = REFUSED):
+        self._prepared, self.url_infos, self.data_dir = prepared, {url: None}, "/nowhere/imdb_reviews"
+
+    def is_prepared(self) -> bool:
+        return self._prepared
+
+
+@pytest.fixture
+def tfds_calls(monkeypatch):
+    """Record how tfds.load is called, with a builder that says whether a copy is prepared."""
+    calls, state = [], {"prepared": True}
+
+    def load(name, split, **kwargs):
+        calls.append(kwargs["download"])
+        return [tf.data.Dataset.from_tensor_slices((["a review"], [1]))] * len(split)
+
+    monkeypatch.setattr(tfds, "load", load)
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: FakeBuilder(state["prepared"]))
+    return calls, state
+
+
+@pytest.mark.parametrize("mode,prepared,download", [
+    ("never", False, False),  # today's behaviour: a prepared copy or nothing
+    ("auto", True, False),  # a prepared copy is used as it is
+    ("always", False, True),  # tfds is left to download, no check first
+    ("always", True, True),
+])
+def test_which_way_tfds_is_called(tfds_calls, mode, prepared, download):
+    calls, state = tfds_calls
+    state["prepared"] = prepared
+    load_raw(DataConfig(download=mode), seed=0)
+    assert calls == [download]
+
+
+def test_auto_downloads_when_no_copy_is_prepared_and_the_server_answers(tfds_calls, monkeypatch):
+    calls, state = tfds_calls
+    state["prepared"] = False
+    probed = []
+    monkeypatch.setattr(pipeline.data, "unreachable", lambda url: probed.append(url))
+    load_raw(DataConfig(download="auto"), seed=0)
+    assert calls == [True] and probed == [REFUSED]
+
+
+def test_auto_offline_fails_in_seconds_with_the_hint(tfds_calls):
+    calls, state = tfds_calls
+    state["prepared"] = False
+    t0 = time.monotonic()
+    with pytest.raises(DataError) as info:
+        load_raw(DataConfig(download="auto"), seed=0)
+    assert time.monotonic() - t0 < 5
+    message = str(info.value)
+    assert "cannot be reached" in message and "TFDS_DATA_DIR" in message
+    assert len(message.splitlines()) == 1
+    assert calls == []  # tfds.load (and its minutes of retries) never ran
+
+
+def test_unreachable_is_bounded_by_its_timeout():
+    # A server that accepts connections but never answers: the probe gives up on time.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        t0 = time.monotonic()
+        why = unreachable(f"http://127.0.0.1:{server.getsockname()[1]}/x", timeout=1.0)
+    assert why and time.monotonic() - t0 < 3
+    assert unreachable(REFUSED, timeout=5.0)  # refused: a reason, at once
+
+
+def test_tfds_data_dir_order(monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/from/env")
+    assert tfds_data_dir(DataConfig(data_dir="/from/config")) == "/from/config"
+    assert tfds_data_dir(DataConfig()) == "/from/env"
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    assert tfds_data_dir(DataConfig()) is None  # tfds's own default
+
+
+def test_prepared_tfds_copy_reads_whole(tmp_path):
+    tiny_tfds(tmp_path)
+    cfg = DataConfig(tfds_name="tiny_reviews", data_dir=str(tmp_path), download="auto",
+                     validation_fraction=0.25)
+    assert check_nonempty(load_raw(cfg, seed=0)) == {"train": 45, "validation": 15, "test": 20}
+
+
+@pytest.mark.parametrize("how", ["truncated", "byte_flipped"])
+def test_damaged_record_file_is_named_before_any_epoch(tmp_path, how):
+    bad = tiny_tfds(tmp_path)
+    damage(bad, how)
+    splits = load_raw(DataConfig(tfds_name="tiny_reviews", data_dir=str(tmp_path), download="never"),
+                      seed=0)
+    with pytest.raises(DataError) as info:
+        check_nonempty(splits)
+    message = str(info.value)
+    assert str(bad) in message and "damaged" in message and len(message.splitlines()) == 1

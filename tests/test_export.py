@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -10,7 +12,14 @@ import tensorflow as tf
 
 import pipeline.export
 from pipeline.config import load_config
-from pipeline.export import WARMUP_FILE, existing_versions, publish
+from pipeline.export import (
+    WARMUP_FILE,
+    ExportError,
+    check_writable,
+    clear_stale_temps,
+    existing_versions,
+    publish,
+)
 from pipeline.train import export_run, train
 from tests.conftest import tiny_overrides
 
@@ -213,3 +222,127 @@ def test_cli_reports_a_failed_export_check_in_one_line(imdb_dir, tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "export check failed" in err
     assert not existing_versions(tmp_path / "saved_models" / "tiny")
+
+
+def test_unwritable_export_folder_fails_before_training(imdb_dir, tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [a for item in tiny_overrides(imdb_dir, tmp_path) + [f"export.dir={tmp_path / 'a_file' / 'sub'}"]
+            for a in ("--set", item)]
+    assert main(["train", *args]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0] and "a_file" in err[0]
+    assert "Epoch" not in captured.out
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+
+
+def test_check_writable_leaves_nothing_behind(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.model_copy(update={"export": tiny_cfg.export.model_copy(
+        update={"dir": str(tmp_path / "new" / "saved")})})
+    before = sorted(tmp_path.rglob("*"))
+    check_writable(cfg)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_check_writable_refuses_a_folder_it_cannot_write(tiny_cfg, monkeypatch):
+    # (chmod cannot make a folder unwritable for root, who runs these tests in CI containers.)
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pipeline.export.tempfile, "mkdtemp", denied)
+    with pytest.raises(ExportError, match=r"is not writable \(Permission denied\)"):
+        check_writable(tiny_cfg)
+
+
+@pytest.mark.parametrize("failure", [
+    tf.errors.ResourceExhaustedError(None, None, "No space left on device"),
+    PermissionError(13, "Permission denied"),
+])
+def test_failed_write_is_one_line_and_publishes_nothing(trained_run, monkeypatch, capsys, failure):
+    from pipeline.cli import main
+
+    cfg, result = trained_run
+    model_dir = Path(cfg.export.dir) / cfg.name
+    before = sorted(p.name for p in model_dir.iterdir())
+
+    class FailingArchive:  # stands in for the Keras export archive: writes half, then fails
+        def write_out(self, filepath, **kwargs):
+            Path(filepath).mkdir(parents=True)
+            (Path(filepath) / "saved_model.pb").write_bytes(b"half")
+            raise failure
+
+    monkeypatch.setattr(pipeline.export, "_serving_archive", lambda *args: FailingArchive())
+    assert main(["export", "--run", str(result.run_dir), "--set", f"export.dir={cfg.export.dir}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the export" in err[0] and "nothing was published" in err[0]
+    assert ("No space left on device" if isinstance(failure, tf.errors.OpError)
+            else "Permission denied") in err[0]
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # no version, no temp folder
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_folders_of_gone_exporters_are_cleared(tmp_path):
+    host, dead = socket.gethostname(), _dead_pid()
+    names = {f".tmp-export-{host}-{dead}-abc": False,  # its exporter is gone: removed
+             f".tmp-export-{host}-{os.getpid()}-def": True,  # a live exporter's: kept
+             f".tmp-export-other-host-{dead}-ghi": True,  # another machine's: cannot tell, kept
+             ".tmp-export-abc123": True}  # no owner in the name: kept
+    for name in names:
+        (tmp_path / name / "model").mkdir(parents=True)
+    removed = clear_stale_temps(tmp_path)
+    assert [p.name for p in removed] == [f".tmp-export-{host}-{dead}-abc"]
+    assert {p.name for p in tmp_path.iterdir()} == {n for n, kept in names.items() if kept}
+
+
+# An exporter, killed while its reload child runs: the child is a stand-in that only waits.
+KILLED_EXPORTER = """
+import os, sys, tempfile
+from pathlib import Path
+import pipeline.export as ex
+ex._RELOAD_SCRIPT = ex._DIE_WITH_PARENT + (
+    "open(sys.argv[2] + '.pid', 'w').write(str(os.getpid())); import time; time.sleep(300)")
+work = Path(tempfile.mkdtemp(prefix=ex._temp_prefix(), dir=sys.argv[1]))
+ex.reload_predict(work / "model", ["a review"])
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return True
+    return state == "Z"  # dead, waiting for a reaper
+
+
+def test_kill_during_export_leaves_only_a_temp_folder_the_next_export_clears(tmp_path):
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_EXPORTER, str(tmp_path)],
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".tmp-export-*/*.pid")) and time.monotonic() < deadline:
+            assert parent.poll() is None
+            time.sleep(0.1)
+        [pid_file] = list(tmp_path.glob(".tmp-export-*/*.pid"))
+        texts_file = pid_file.with_suffix("")
+        assert texts_file.name == "model.check-texts.json"  # inside the temp folder, not /tmp
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(child)  # the reload child died with its parent
+    finally:
+        parent.kill()
+    assert clear_stale_temps(tmp_path) == [pid_file.parent]
+    assert not list(tmp_path.iterdir())

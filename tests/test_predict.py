@@ -88,3 +88,48 @@ def test_predict_without_an_export_says_so(tmp_path, capsys, layout):
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "no exported model under" in err[0] and "make train" in err[0]
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_predict_with_a_damaged_saved_model_says_so_in_one_line(trained_run, tmp_path, capsys, damage):
+    import shutil
+
+    _, result = trained_run
+    copy = tmp_path / "tiny" / "1"
+    shutil.copytree(result.export.path, copy)
+    pb = copy / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[:100] if damage == "truncated" else b"\x00not a model\xff" * 10)
+    assert main(["predict", "--model", str(copy), "Great film."]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and f"cannot load the exported model {copy}" in err[0]
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("stdin", [b"", b"\n  \n\r\n"])
+def test_predict_with_empty_stdin_fails_in_one_line(stdin):
+    # The model is never loaded: the input is checked first (no TensorFlow in this process either).
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", "nowhere"],
+                          input=stdin, capture_output=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    err = proc.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and "no reviews on stdin" in err[0]
+    assert proc.stdout == b""
+
+
+@pytest.mark.slow  # a process that loads TensorFlow and the model: ~25 s here
+def test_predict_into_a_closed_pipe_is_a_quiet_exit(trained_run, tmp_path):
+    # `imdb-pipeline predict ... | head -1`: the reader leaves after one line.
+    _, result = trained_run
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_bytes(b"A wonderful superb film!\n" * 20000)  # far more output than a pipe holds
+    with reviews.open("rb") as stdin:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", "--model",
+                                 result.export.path], stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=ROOT)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert json.loads(first)["label"] == "pos"
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err

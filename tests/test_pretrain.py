@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.data import DataError
 from pipeline.pretrain import (
     Corpus,
     cache_path,
@@ -29,8 +30,13 @@ def test_read_glove_and_word2vec_text_formats(tmp_path):
 def test_ragged_vectors_file_is_refused(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("good 0.1 0.2\nbad 0.3\n")
-    with pytest.raises(ValueError, match="bad.txt:2"):
+    with pytest.raises(DataError, match="bad.txt:2"):
         read_vectors_file(bad)
+
+
+def test_missing_vectors_file_is_a_one_line_data_error(tmp_path):
+    with pytest.raises(DataError, match="embedding_file .*nope.txt.* does not exist"):
+        read_vectors_file(tmp_path / "nope.txt")
 
 
 def test_file_vectors_map_onto_the_vocabulary(imdb_dir, tmp_path):
