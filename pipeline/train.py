@@ -32,6 +32,7 @@ from pipeline.distribute import (
     is_chief,
     make_strategy,
     num_workers,
+    resolve_deterministic,
     shard_by_data,
     strategy_name,
     task_name,
@@ -71,7 +72,7 @@ class RunResult:
 
 def seed_everything(cfg: Config) -> None:
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.train.deterministic:
+    if resolve_deterministic(cfg.train.deterministic):
         tf.config.experimental.enable_op_determinism()
 
 
