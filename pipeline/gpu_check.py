@@ -69,11 +69,13 @@ def train_step_graph(model: keras.Model) -> tf.compat.v1.GraphDef:
     Keras decides between the cuDNN and the generic LSTM kernel while tracing, so this
     graph shows which one `fit` runs on this machine.
     """
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    step = tf.function(lambda data: model.distribute_strategy.run(model.train_step, args=(data,)))
+    strategy = model.distribute_strategy
+    step = tf.function(lambda data: strategy.run(model.train_step, args=(data,)))
     spec = (tf.TensorSpec([None, None], tf.int64), tf.TensorSpec([None], tf.int64))
-    return step.get_concrete_function(spec).graph.as_graph_def()
+    with strategy.scope():  # where Keras builds the optimizer too
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        return step.get_concrete_function(spec).graph.as_graph_def()
 
 
 def visible_devices() -> list[str]:
@@ -119,9 +121,9 @@ def _time_training(cfg: Config, strategy, vectorizer, train_ds, mixed: bool, epo
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     with strategy.scope():
         model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
-    ops = graph_op_types(train_step_graph(model))
     timer = _EpochTimer()
     model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
+    ops = graph_op_types(train_step_graph(model))  # after fit: everything is built as fit builds it
     steady = min(timer.seconds[1:] or timer.seconds)  # the first epoch also traces and tokenizes
     return model, {
         "mixed_precision": mixed,
