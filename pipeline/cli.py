@@ -212,6 +212,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _gpu_check(args: argparse.Namespace) -> int:
+    for flag, value in (("--train-examples", args.train_examples), ("--epochs", args.epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag}: must be at least 1 (got {value})")
     cfg = load_config(args.config, _overrides(args))
     from pipeline import gpu_check
 

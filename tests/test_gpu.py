@@ -168,6 +168,8 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "no GPU" in out and "CPU:0" in out
     assert not out_json.exists()
+    assert main(["gpu-check", "--epochs", "0"]) == 2  # bad flags fail in one line, GPU or not
+    assert "--epochs: must be at least 1" in capsys.readouterr().err
 
 
 def test_gpu_check_table_and_files_from_canned_figures(tmp_path):
