@@ -8,7 +8,7 @@ SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
 .PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench \
-	test test-all docs lint clean
+	gpu-check test test-all docs lint clean
 
 # Reinstalls only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -59,6 +59,12 @@ pretrain: install
 # Both sides of the speed comparison in one run; needs the real data (TFDS_DATA_DIR).
 bench: install
 	$(RUN) bench --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# On a GPU machine: cuDNN use, seconds per epoch (mixed precision off/on), export served with GPUs
+# hidden (docs/gpu.md). Times configs/gpu.yaml unless CONFIG is given; without a GPU, one line.
+gpu-check: install
+	$(RUN) gpu-check --config $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/gpu.yaml) \
+		$(SET_ARGS) $(ARGS)
 
 # The fast tier (a few minutes on 2 cores): every test but those marked slow.
 test: install

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="reviews to score (default: one per non-empty line on stdin)")
 
+    p = sub.add_parser("gpu-check", help="on a GPU machine: cuDNN use, seconds per epoch with and "
+                                         "without mixed precision, export served with GPUs hidden")
+    _config_args(p)
+    p.add_argument("--train-examples", type=int, default=10000, help="training reviews timed (real data)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per leg (the first also traces)")
+    p.add_argument("--json", default="bench_results/gpu_check.json", help="figures (and the table as .md)")
+
     p = sub.add_parser("check-config", help="validate a config and print it resolved")
     _config_args(p)
     return parser
@@ -314,6 +321,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    for flag, value in (("--train-examples", args.train_examples), ("--epochs", args.epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag}: must be at least 1 (got {value})")
+    cfg = load_config(args.config, _overrides(args))
+    from pipeline import gpu_check
+
+    devices = gpu_check.visible_devices()
+    if not any(d.startswith("GPU") for d in devices):
+        print(gpu_check.no_gpu_line(devices))
+        return 0
+    result = gpu_check.run_gpu_check(cfg, args.train_examples, args.epochs)
+    md_path = gpu_check.write_results(result, Path(args.json))
+    print(gpu_check.markdown_table(result))
+    print(f"figures in {args.json}, table in {md_path}")
+    return 0 if gpu_check.passed(result) else 1
+
+
 def _check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     print(json.dumps(cfg.to_dict(), indent=2))
@@ -329,6 +354,7 @@ COMMANDS = {
     "predict": _predict,
     "bench": _bench,
     "check-config": _check_config,
+    "gpu-check": _gpu_check,
 }
 
 

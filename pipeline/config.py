@@ -98,7 +98,9 @@ class TrainConfig(_Section):
     freeze_pretrained_epochs: int = Field(0, ge=0)
     shuffle_buffer: int = Field(25000, gt=0)  # reviews; >= the train split shuffles it fully
     bucket_by_length: bool = True  # batch similar lengths so the LSTM skips padding
-    deterministic: bool = True  # same seed, same metrics (costs a little speed)
+    # auto: deterministic ops on CPU (same seed, same metrics), not on GPU, where they cannot
+    # make the cuDNN LSTM reproducible and slow the embedding updates (distribute.resolve_deterministic)
+    deterministic: bool | Literal["auto"] = "auto"
     verbose: Literal[0, 1, 2] | None = None  # Keras progress; None: bar on a TTY, lines otherwise
 
 

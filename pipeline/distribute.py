@@ -57,6 +57,41 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
     return strategy
 
 
+_DETERMINISM_LOGGED: set[str] = set()  # each explanation once per process, not once per trial
+
+
+def resolve_deterministic(setting: bool | str, gpus: list | None = None) -> bool:
+    """Whether to enable op determinism for `train.deterministic` on this machine.
+
+    `auto`: yes on CPU (same config and seed, same metrics); no when a GPU is visible,
+    because op determinism does not make the cuDNN LSTM reproducible
+    (tensorflow/tensorflow#59281) and pushes the embedding's sparse gradient updates onto
+    slow deterministic paths: a cost for a promise it cannot keep. `true` on a GPU is
+    honoured, with a warning. `gpus` defaults to the visible logical GPUs.
+    """
+    if gpus is None:
+        gpus = tf.config.list_logical_devices("GPU")
+    if setting == "auto":
+        deterministic = not gpus
+        if gpus:
+            _log_once(logging.INFO, "train.deterministic=auto: not deterministic on %d GPU(s): "
+                      "cuDNN's LSTM is not reproducible under op determinism (tensorflow/tensorflow"
+                      "#59281), which would also slow the embedding updates; set it to true to "
+                      "pay for that anyway", len(gpus))
+        return deterministic
+    if setting is True and gpus:
+        _log_once(logging.WARNING, "train.deterministic=true on %d GPU(s): op determinism slows the "
+                  "embedding's sparse updates and still does not make cuDNN's LSTM reproducible "
+                  "(tensorflow/tensorflow#59281); `auto` leaves it off on GPUs", len(gpus))
+    return bool(setting)
+
+
+def _log_once(level: int, msg: str, *args) -> None:
+    if msg not in _DETERMINISM_LOGGED:
+        _DETERMINISM_LOGGED.add(msg)
+        log.log(level, msg, *args)
+
+
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """The public name: MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy."""
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -240,3 +240,54 @@ def test_backup_is_written_atomically_and_a_truncated_one_falls_back(tmp_path):
     restore.set_model(fresh)
     restore.on_train_begin()
     assert fresh._initial_epoch == 1
+
+
+@pytest.fixture
+def fresh_determinism_log(monkeypatch):
+    from pipeline import distribute
+
+    monkeypatch.setattr(distribute, "_DETERMINISM_LOGGED", set())
+
+
+def _fake_gpus(monkeypatch, n: int) -> None:
+    real = tf.config.list_logical_devices
+
+    def listed(kind=None):
+        if kind == "GPU":
+            return [tf.config.LogicalDevice(f"/device:GPU:{i}", "GPU") for i in range(n)]
+        return real(kind)
+
+    monkeypatch.setattr(tf.config, "list_logical_devices", listed)
+
+
+def test_deterministic_auto_is_on_for_cpu_and_off_for_gpu(monkeypatch, caplog, fresh_determinism_log):
+    from pipeline.distribute import resolve_deterministic
+
+    caplog.set_level(logging.INFO, logger="pipeline.distribute")
+    assert resolve_deterministic("auto") is True  # this machine: CPUs only
+    assert not caplog.records
+    _fake_gpus(monkeypatch, 2)
+    assert resolve_deterministic("auto") is False
+    assert resolve_deterministic("auto") is False
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 1 and "#59281" in reasons[0] and "2 GPU(s)" in reasons[0]  # once, why
+    assert resolve_deterministic(False) is False
+
+
+def test_deterministic_true_on_gpu_is_kept_with_a_warning(monkeypatch, caplog, fresh_determinism_log):
+    from pipeline.distribute import resolve_deterministic
+
+    caplog.set_level(logging.INFO, logger="pipeline.distribute")
+    assert resolve_deterministic(True) is True
+    assert not caplog.records  # true on a CPU costs nothing worth a warning
+    _fake_gpus(monkeypatch, 1)
+    assert resolve_deterministic(True) is True
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "slows" in warnings[0].getMessage()
+
+
+def test_deterministic_setting_is_validated():
+    assert load_config(None, []).train.deterministic == "auto"
+    assert load_config(None, ["train.deterministic=false"]).train.deterministic is False
+    with pytest.raises(ConfigError, match="train.deterministic"):
+        load_config(None, ["train.deterministic=sometimes"])
