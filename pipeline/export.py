@@ -82,6 +82,12 @@ def in_memory_predict(vectorizer: keras.layers.TextVectorization, model: keras.M
     return np.asarray(model(ids, training=False), dtype=np.float64).reshape(-1)
 
 
+def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
+    """Real test reviews plus edge cases: what the export check compares on."""
+    reviews = [t.decode("utf-8", "replace") for t, _ in raw_test.take(n).as_numpy_iterator()]
+    return reviews + ["", "   ", "!!!", "A wonderful, moving film.", "Dull and far too long."]
+
+
 def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
                      cfg: Config) -> keras.export.ExportArchive:
     # A cuDNN-free copy: a graph traced on a GPU would otherwise hold CudnnRNN ops

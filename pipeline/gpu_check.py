@@ -11,7 +11,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipeline.bench import EpochTimer  # a GPU bench: the same per-epoch clock as `make bench`
 from pipeline.config import Config
 
 CUDNN_OP_PREFIX = "CudnnRNN"
@@ -102,18 +102,6 @@ def _gpus_hidden() -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._t)
-
-
 def _time_training(cfg: Config, strategy, vectorizer, train_ds, mixed: bool, epochs: int,
                    n: int) -> tuple[keras.Model, dict]:
     from pipeline.model import build_model, model_kwargs
@@ -121,7 +109,7 @@ def _time_training(cfg: Config, strategy, vectorizer, train_ds, mixed: bool, epo
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     with strategy.scope():
         model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
-    timer = _EpochTimer()
+    timer = EpochTimer()
     model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
     ops = graph_op_types(train_step_graph(model))  # after fit: everything is built as fit builds it
     steady = min(timer.seconds[1:] or timer.seconds)  # the first epoch also traces and tokenizes
@@ -157,7 +145,8 @@ def run_gpu_check(cfg: Config, train_examples: int, epochs: int) -> dict:
     """Devices, cuDNN use, seconds per epoch without and with mixed precision, the export check."""
     from pipeline import data as data_mod
     from pipeline.distribute import make_strategy
-    from pipeline.train import check_texts, seed_everything
+    from pipeline.export import check_texts
+    from pipeline.runs import seed_everything
     from pipeline.vectorize import adapt_vectorizer, vectorize_split
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_train_examples": train_examples})})

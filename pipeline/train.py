@@ -42,7 +42,7 @@ from pipeline.distribute import (
     task_name,
 )
 from pipeline.embeddings import write_projector
-from pipeline.export import ExportResult, check_writable, export_model, save_result
+from pipeline.export import ExportResult, check_texts, check_writable, export_model, save_result
 from pipeline.model import PretrainedSchedule, build_model, model_kwargs
 from pipeline.pretrain import initial_weights
 from pipeline.runs import (
@@ -334,12 +334,6 @@ def plot_curves(history_csv: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-
-
-def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
-    """Real test reviews plus edge cases: what the export check compares on."""
-    reviews = [t.decode("utf-8", "replace") for t, _ in raw_test.take(n).as_numpy_iterator()]
-    return reviews + ["", "   ", "!!!", "A wonderful, moving film.", "Dull and far too long."]
 
 
 def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model]:
