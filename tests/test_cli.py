@@ -127,9 +127,12 @@ def test_sigterm_is_handled_like_ctrl_c(sig, code):
     import time
 
     # `predict` waits on stdin for its first review before loading anything: a quiet place to stop.
+    # A child started from a background job inherits an ignored SIGINT (POSIX), and Python then
+    # installs no Ctrl-C handler: give it the disposition a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "predict", "--model", "nowhere"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=ROOT, text=True)
+                            cwd=ROOT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not _sigterm_caught(proc.pid) and time.monotonic() < deadline:

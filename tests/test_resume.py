@@ -40,7 +40,9 @@ def _start(imdb_dir: Path, out: Path, log: Path) -> subprocess.Popen:
         args += ["--set", item]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     with log.open("w") as f:
-        return subprocess.Popen(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        # SIG_DFL: a child of a background job would inherit an ignored SIGINT (no Ctrl-C handler).
+        return subprocess.Popen(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _only_run_dir(out: Path) -> Path:
