@@ -99,6 +99,7 @@ def test_pretraining_never_reads_validation_or_test_text(imdb_with_unsup, tmp_pa
     assert not held & (set(seen) - train)  # ... and no validation or test review is
 
 
+@pytest.mark.slow
 def test_killed_pretraining_resumes_after_its_last_epoch(imdb_with_unsup, tmp_path, monkeypatch):
     cfg = lm_cfg(imdb_with_unsup, tmp_path, "pretrain.lm_epochs=2")
     real, calls = lm_mod.perplexity, []

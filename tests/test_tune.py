@@ -306,6 +306,7 @@ def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
     assert f"best: embedding_dim={best}" in logs["chief"]
 
 
+@pytest.mark.slow
 def test_one_search_compares_random_and_word2vec_starts_per_size(imdb_dir, tmp_path):
     from gensim.models import KeyedVectors
 
