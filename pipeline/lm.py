@@ -46,7 +46,7 @@ class LMWeights:
 def cache_path(cfg: Config) -> Path:
     """Where the language models for this config live (same settings -> same file)."""
     p = cfg.pretrain
-    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "data_dir"}),
+    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "data_dir", "download"}),
            "max_tokens": cfg.vectorize.max_tokens, "embedding_dim": cfg.model.embedding_dim,
            "units": cfg.model.lstm_units, "seed": cfg.seed,
            "lm": {k: v for k, v in p.model_dump().items() if k.startswith("lm_")}}

@@ -30,7 +30,7 @@ def _vector_size(cfg: Config) -> int:
 
 def cache_path(cfg: Config) -> Path:
     """Where the word2vec vectors for this config live (same settings -> same file)."""
-    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples"}), "size": _vector_size(cfg),
+    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "download"}), "size": _vector_size(cfg),
            "pretrain": {k: v for k, v in cfg.pretrain.model_dump().items()
                         if k not in ("directory", "vector_size") and not k.startswith("lm_")},
            "seed": cfg.seed, "tokenizer": 1}

@@ -59,6 +59,9 @@ def test_cached_and_keyed_by_settings(trained_lm, imdb_with_unsup, tmp_path):
     assert lm_mod.cache_path(other) != path
     moved = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"lm_dropout": 0.5})})
     assert lm_mod.cache_path(moved) != path
+    # How the data arrived is not what it is: the same models serve any download setting.
+    fetched = cfg.model_copy(update={"data": cfg.data.model_copy(update={"download": "never"})})
+    assert lm_mod.cache_path(fetched) == path
 
 
 def test_classifier_starts_from_the_language_models(trained_lm):

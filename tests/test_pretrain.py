@@ -75,6 +75,8 @@ def test_word2vec_trains_once_and_is_cached(imdb_dir, tmp_path):
     other = load_config(None, tiny_overrides(imdb_dir, tmp_path) + [
         f"pretrain.directory={tmp_path / 'pre'}", "pretrain.epochs=3"])
     assert cache_path(other) != path  # different settings, different vectors
+    fetched = cfg.model_copy(update={"data": cfg.data.model_copy(update={"download": "never"})})
+    assert cache_path(fetched) == path  # how the data arrived is not what it is
 
 
 def _w2v_cfg(imdb_dir, tmp_path, *extra):
