@@ -326,6 +326,7 @@ def _gpu_check(args: argparse.Namespace) -> int:
         if value < 1:
             raise ConfigError(f"{flag}: must be at least 1 (got {value})")
     cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)
     from pipeline import gpu_check
 
     devices = gpu_check.visible_devices()
