@@ -246,16 +246,3 @@ def load_lm(path: Path) -> tuple[LMWeights, dict]:
                         embedding=arrays["embedding.embeddings"],
                         forward=layer("forward"), backward=layer("backward"))
     return weights, json.loads(str(arrays["meta"]))
-
-
-def aligned_embedding(lm: LMWeights, vocabulary: list[str], seed: int) -> np.ndarray:
-    """The LM's word vectors in the classifier's vocabulary order (small random where missing)."""
-    index = {w: i for i, w in enumerate(lm.vocabulary)}
-    rng = np.random.default_rng(seed)
-    matrix = rng.normal(0.0, float(np.std(lm.embedding)),
-                        size=(len(vocabulary), lm.embedding.shape[1])).astype(np.float32)
-    for i, word in enumerate(vocabulary):
-        if word in index:
-            matrix[i] = lm.embedding[index[word]]
-    matrix[0] = 0.0  # padding
-    return matrix

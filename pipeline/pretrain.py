@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -152,10 +152,12 @@ def initial_weights(cfg: Config, vocabulary: list[str]) -> dict:
     if init == "random":
         return {}
     if init == "lm":
-        from pipeline.lm import aligned_embedding, load_lm, train_lm
+        from pipeline.lm import load_lm, train_lm
 
         lm, _ = load_lm(train_lm(cfg))
-        return {"embedding_matrix": aligned_embedding(lm, vocabulary, cfg.seed),
+        lookup = dict(zip(lm.vocabulary, lm.embedding, strict=True))
+        return {"embedding_matrix": vocabulary_matrix(lookup, vocabulary, cfg.model.embedding_dim,
+                                                      cfg.seed, "the language models"),
                 "lstm_weights": (lm.forward, lm.backward)}
     return {"embedding_matrix": embedding_matrix(cfg, vocabulary)}
 
@@ -172,11 +174,19 @@ def embedding_matrix(cfg: Config, vocabulary: list[str]) -> np.ndarray:
         lookup = read_vectors_file(Path(cfg.model.embedding_file or ""))
         source = cfg.model.embedding_file
     dim = cfg.model.embedding_dim
-    found = [w for w in vocabulary if w in lookup]
-    if found and len(lookup[found[0]]) != dim:
+    found = next((lookup[w] for w in vocabulary if w in lookup), None)
+    if found is not None and len(found) != dim:
         raise ConfigError(f"model.embedding_dim is {dim} but the {source} vectors have "
-                         f"{len(lookup[found[0]])} dimensions")
-    rng = np.random.default_rng(cfg.seed)
+                         f"{len(found)} dimensions")
+    return vocabulary_matrix(lookup, vocabulary, dim, cfg.seed, source)
+
+
+def vocabulary_matrix(lookup: Mapping[str, np.ndarray], vocabulary: list[str], dim: int, seed: int,
+                      source: str) -> np.ndarray:
+    """Row i is the vector of vocabulary[i]: from `lookup` where known, small random otherwise
+    (at the spread of the known ones), zero for padding."""
+    found = [w for w in vocabulary if w in lookup]
+    rng = np.random.default_rng(seed)
     scale = float(np.std([lookup[w] for w in found])) if found else 0.05
     matrix = rng.normal(0.0, scale, size=(len(vocabulary), dim)).astype(np.float32)
     for i, word in enumerate(vocabulary):
