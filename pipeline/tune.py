@@ -315,6 +315,10 @@ def check_tunable(cfg: Config) -> None:
             f"model.embedding_init: {init!r} fixes the embedding size (a vectors file or language "
             "models of one size); search with tune.embedding_init=[word2vec] (vectors of each size) "
             "or [random]")
+    size, largest = cfg.pretrain.vector_size, max(cfg.tune.embedding_dims)
+    if "word2vec" in trial_inits(cfg) and size and size < largest:
+        raise ConfigError(f"pretrain.vector_size: {size}-d word2vec vectors cannot start the "
+                          f"{largest}-d candidate (leave it unset, or set it to at least {largest})")
 
 
 def with_search_vectors(cfg: Config) -> Config:

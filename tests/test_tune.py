@@ -362,3 +362,10 @@ def test_a_fixed_size_start_needs_a_searched_init(init, imdb_dir, tmp_path):
         tune.check_tunable(cfg)
     ok = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"embedding_init": ["random"]})})
     tune.check_tunable(ok)
+
+
+def test_word2vec_vectors_smaller_than_a_candidate_are_refused_up_front(imdb_dir, tmp_path):
+    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [
+        "tune.embedding_init=[word2vec]", "pretrain.vector_size=4"])  # DIMS go up to 8
+    with pytest.raises(ConfigError, match="pretrain.vector_size: 4-d word2vec vectors cannot start the 8-d"):
+        tune.check_tunable(cfg)
