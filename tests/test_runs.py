@@ -196,6 +196,34 @@ def test_a_second_train_of_a_live_run_exits_1_with_one_line(imdb_dir, tmp_path, 
     assert not (tmp_path / "saved_models").exists()
 
 
+@pytest.mark.slow
+def test_two_train_processes_of_one_config_never_share_a_run(imdb_dir, tmp_path, capsys):
+    """Issue 11's reproduction: a second `train` while the first is training stops at once."""
+    import time
+
+    overrides = tiny_overrides(imdb_dir, tmp_path) + [  # long enough to be caught mid-training
+        "train.epochs=100000", "train.early_stopping_patience=100000", "train.verbose=2"]
+    log = tmp_path / "first.log"
+    with log.open("w") as f:
+        first = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--no-export",
+                                  *_set_args(overrides)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "Epoch 2/" not in log.read_text():  # the first is in the middle of its training
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        (live,) = (tmp_path / "runs" / "tiny").iterdir()
+        assert main(["train", "--no-export"] + _set_args(overrides)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(live) in err[0] and f"pid {first.pid}" in err[0]
+        assert list((tmp_path / "runs" / "tiny").iterdir()) == [live]  # no second run started
+        assert json.loads((live / "run.json").read_text())["status"] == "running"
+        assert first.poll() is None  # the first one goes on undisturbed
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_a_data_error_writes_no_run(tmp_path, capsys):
     args = ["train", "--set", f"runs_dir={tmp_path / 'runs'}", "--set", "data.source=directory",
             "--set", f"data.directory={tmp_path / 'missing'}"]
