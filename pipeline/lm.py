@@ -14,7 +14,6 @@ and each finished epoch is checkpointed, so a killed pretraining resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -28,6 +27,7 @@ import tensorflow as tf
 
 from pipeline import data as data_mod
 from pipeline.config import Config
+from pipeline.runs import fingerprint
 from pipeline.vectorize import adapt_vectorizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def cache_path(cfg: Config) -> Path:
            "max_tokens": cfg.vectorize.max_tokens, "embedding_dim": cfg.model.embedding_dim,
            "units": cfg.model.lstm_units, "seed": cfg.seed,
            "lm": {k: v for k, v in p.model_dump().items() if k.startswith("lm_")}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    digest = fingerprint(key)
     name = f"bilm-{cfg.model.embedding_dim}e-{cfg.model.lstm_units}u-{digest}.npz"
     return Path(p.directory) / name
 
