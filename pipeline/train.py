@@ -141,7 +141,9 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
 
         # Model: only construction and compile belong in the strategy's scope.
         lr = cfg.model.learning_rate * (replicas if cfg.train.lr_scaling == "linear" else 1)
-        pretrained = initial_weights(cfg, vocabulary)  # word2vec, a vectors file or language models
+        # word2vec, a vectors file or language models; a trained run's saved weights replace
+        # any start, so it needs none (nor the minutes of pretraining a missing cache would cost).
+        pretrained = {} if run.status == "trained" else initial_weights(cfg, vocabulary)
         with strategy.scope():
             model = build_model(len(vocabulary), **(model_kwargs(cfg.model) | {"learning_rate": lr}),
                                 **pretrained)

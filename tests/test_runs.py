@@ -274,7 +274,9 @@ def test_interrupted_export_resumes_at_export_without_training(imdb_dir, tmp_pat
     history = (run / "history.csv").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
 
-    assert main(args) == 0
+    with monkeypatch.context() as m:  # a trained run's weights are saved: no pretrained start
+        m.setattr(pipeline.train, "initial_weights", lambda *a: pytest.fail("pretrained again"))
+        assert main(args) == 0
     second = capsys.readouterr()
     assert "Epoch 1/" not in second.out and "exported:" in second.out
     assert [p.name for p in (tmp_path / "runs" / "tiny").iterdir()] == [run.name]
