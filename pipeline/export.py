@@ -90,10 +90,16 @@ def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
 
 def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
                      cfg: Config) -> keras.export.ExportArchive:
-    # A cuDNN-free copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
-    # that a CPU-only server cannot run.
-    serve_model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model),
-                              use_cudnn=False)
+    # A cuDNN-free, float32 copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
+    # that a CPU-only server cannot run, and a mixed-precision model would compute in
+    # float16, which CPUs run slowly. Its variables are float32 either way.
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        serve_model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model),
+                                  use_cudnn=False)
+    finally:
+        keras.config.set_dtype_policy(policy)
     serve_model.set_weights(model.get_weights())
     max_length = cfg.vectorize.max_length
 

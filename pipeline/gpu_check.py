@@ -52,6 +52,22 @@ def saved_model_op_types(export_path: str | Path) -> list[str]:
     return [t for meta in saved.meta_graphs for t in graph_op_types(meta.graph_def)]
 
 
+def half_precision_ops(export_path: str | Path) -> list[str]:
+    """Op types in a SavedModel that compute in float16 (a `T` or `DstT` attribute of DT_HALF)."""
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(export_path) / "saved_model.pb").read_bytes())
+    found = []
+    for meta in saved.meta_graphs:
+        graph = meta.graph_def
+        for node in [*graph.node, *(n for f in graph.library.function for n in f.node_def)]:
+            if any(node.attr[k].type == types_pb2.DT_HALF for k in ("T", "DstT") if k in node.attr):
+                found.append(node.op)
+    return found
+
+
 def lstm_directions(model: keras.Model) -> int:
     """LSTM layers in the model, a bidirectional one counted twice: the cuDNN kernels expected."""
     count = 0

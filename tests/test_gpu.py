@@ -28,6 +28,7 @@ from pipeline.gpu_check import (
     cudnn_forward_count,
     cudnn_ops,
     graph_op_types,
+    half_precision_ops,
     lstm_directions,
     markdown_table,
     passed,
@@ -75,10 +76,15 @@ def policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
+# A mixed-precision model computes in float16 and its export in float32: they round apart.
+MIXED_TOLERANCE = 2e-3
+
+
 def tiny_cfg(tmp_path: Path, bidirectional: bool, num_layers: int, pooling: str, mixed: bool,
              config: str | None = None):
+    tolerance = MIXED_TOLERANCE if mixed else 1e-5
     return load_config(config, [
-        "name=gpu_sim", f"export.dir={tmp_path / 'saved_models'}", "export.verify_tolerance=0.00001",
+        "name=gpu_sim", f"export.dir={tmp_path / 'saved_models'}", f"export.verify_tolerance={tolerance}",
         "vectorize.max_tokens=100", "vectorize.max_length=32", "model.embedding_dim=8",
         "model.lstm_units=8", "model.embedding_init=random", f"model.bidirectional={bidirectional}",
         f"model.num_layers={num_layers}", f"model.pooling={pooling}",
@@ -119,13 +125,15 @@ def test_gpu_training_runs_cudnn_and_its_export_has_none(bidirectional, num_laye
     # Every LSTM direction trains on cuDNN, gradients included.
     assert cudnn_forward_count(ops) == lstm_directions(model) == num_layers * (1 + bidirectional)
     assert any(t.startswith("CudnnRNNBackprop") for t in ops)
-    # The export holds no cuDNN op in any function and serves what the model predicts.
+    # The export holds no cuDNN op and no float16 compute in any function, and serves what
+    # the model predicts (within float16 rounding for a mixed-precision model).
     assert cudnn_ops(saved_model_op_types(export_path)) == []
+    assert half_precision_ops(export_path) == []
     serve = tf.saved_model.load(str(export_path)).signatures["serving_default"]
     got = serve(text=tf.constant(TEXTS))["probability"].numpy()
     expected = in_memory_predict(vectorizer, model, TEXTS, cfg.vectorize.max_length)
     assert np.ptp(expected) > 0  # distinct outputs, so a mix-up of reviews would show
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=cfg.export.verify_tolerance, rtol=0)
 
 
 @pytest.mark.slow
@@ -140,8 +148,9 @@ def test_gpu_profile_export_after_simulated_gpu_training_passes_its_reload_check
     with simulated_gpu():
         assert cudnn_forward_count(graph_op_types(train_step_graph(model))) == 2
         result = export_model(vectorizer, model, cfg, TEXTS)
-    assert result.max_abs_diff <= 1e-5 and result.version == 1
+    assert result.max_abs_diff <= MIXED_TOLERANCE and result.version == 1
     assert cudnn_ops(saved_model_op_types(result.path)) == []
+    assert half_precision_ops(result.path) == []  # a CPU server computes in float32
 
 
 def test_the_check_sees_cudnn_in_an_export_that_kept_it(tmp_path, monkeypatch):
@@ -157,6 +166,17 @@ def test_the_check_sees_cudnn_in_an_export_that_kept_it(tmp_path, monkeypatch):
     with simulated_gpu():
         _serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
     assert "CudnnRNNV3" in cudnn_ops(saved_model_op_types(tmp_path / "export"))
+
+
+def test_the_check_sees_float16_in_an_export_built_under_mixed_precision(tmp_path, monkeypatch, policy):
+    """The float16 detector is not blind: a serving copy left under mixed_float16 is caught."""
+    cfg = tiny_cfg(tmp_path, True, 1, "max", True)
+    policy(True)
+    vectorizer = make_vectorizer(cfg.vectorize, VOCAB)
+    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
+    monkeypatch.setattr(pipeline.export.keras.config, "set_dtype_policy", lambda _: None)  # the regression
+    _serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
+    assert half_precision_ops(tmp_path / "export")
 
 
 def test_gpu_profile_loads_and_asks_for_a_gpu_setup():
