@@ -233,6 +233,20 @@ def publish(tmp_path: Path, model_dir: Path) -> tuple[Path, int]:
                 raise
 
 
+# float16 keeps ~3 significant digits: a mixed-precision model and its float32 export
+# round apart by about this much; a wrong export (other weights, vocabulary) is off by far more.
+MIXED_PRECISION_TOLERANCE = 2e-3
+
+
+def check_tolerance(model: keras.Model, tolerance: float) -> float:
+    """The export check's tolerance: at least float16's rounding for a mixed-precision model."""
+    if model.compute_dtype == "float16" and tolerance < MIXED_PRECISION_TOLERANCE:
+        log.info("export check: the model computes in float16 and its export in float32; "
+                 "tolerance %g instead of export.verify_tolerance %g", MIXED_PRECISION_TOLERANCE, tolerance)
+        return MIXED_PRECISION_TOLERANCE
+    return tolerance
+
+
 def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model, cfg: Config,
                  check_texts: list[str]) -> ExportResult:
     """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure."""
@@ -253,9 +267,10 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
         expected = in_memory_predict(vectorizer, model, check_texts, cfg.vectorize.max_length)
         got = reload_predict(staged, check_texts)
         diff = float(np.max(np.abs(expected - got)))
-        if not np.all(np.isfinite(got)) or diff > cfg.export.verify_tolerance:
+        tolerance = check_tolerance(model, cfg.export.verify_tolerance)
+        if not np.all(np.isfinite(got)) or diff > tolerance:
             raise ExportError(f"export check failed: reloaded predictions differ by {diff:.3g} "
-                               f"(tolerance {cfg.export.verify_tolerance:g})")
+                               f"(tolerance {tolerance:g})")
         try:
             path, version = publish(staged, model_dir)
         except OSError as exc:
