@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny generated data, a tiny config, one trained run reused by several tests."""
+"""Shared fixtures: tiny generated data, a tiny config, trained runs reused by several tests."""
 
 from __future__ import annotations
 
@@ -74,6 +74,23 @@ def tiny_cfg(imdb_dir, tmp_path) -> Config:
     return load_config(None, tiny_overrides(imdb_dir, tmp_path))
 
 
+# Resume tests (test_resume.py, test_runs.py): no early stop, so every epoch runs and an interruption
+# always lands with epochs still to go; dropout, so the restored seed states matter.
+RESUME_EPOCHS = 6
+RESUME_EXTRA = [f"train.epochs={RESUME_EPOCHS}", f"train.early_stopping_patience={RESUME_EPOCHS}",
+                "model.dropout=0.3"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(imdb_dir, tmp_path_factory):
+    """One uninterrupted tiny run with RESUME_EXTRA, not exported: what a resumed run must match
+    exactly and a second run of the same config must equal."""
+    from pipeline.train import train
+
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path_factory.mktemp("reference")) + RESUME_EXTRA)
+    return train(cfg, export=False)
+
+
 @pytest.fixture(scope="session")
 def trained_run(imdb_dir, tmp_path_factory):
     """One finished tiny run (trained and exported), shared by the export tests."""
@@ -82,3 +99,4 @@ def trained_run(imdb_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(None, tiny_overrides(imdb_dir, out))
     return cfg, train(cfg)
+
