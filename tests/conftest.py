@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny generated data, a tiny config, trained runs reused by several tests."""
+"""Shared fixtures: tiny generated data, a tiny config, trained runs reused by several tests.
+
+Under pytest-xdist (`make test-all`, `make test-slow`: `-n 2 --dist loadgroup`) the tests that share
+one of the expensive fixtures in SHARED_FIXTURES run in the same worker, one after the other in
+file order, so each of those fixtures is built once per session, as in a plain `pytest` run.
+"""
 
 from __future__ import annotations
 
@@ -100,3 +105,17 @@ def trained_run(imdb_dir, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(imdb_dir, out))
     return cfg, train(cfg)
 
+
+# Fixtures that train (seconds each) and are shared by several tests, some in several files.
+SHARED_FIXTURES = ("trained_run", "reference_run", "searched", "trained_lm", "three_epoch_backup")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, one group per shared fixture: its tests go to one worker together."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
