@@ -75,7 +75,7 @@ test: install
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
-# Everything, the slow multi-process tests included (under 10 minutes on 2 cores).
+# Everything, the slow multi-process tests included (meant to take under 10 minutes on 2 cores).
 test-all: install
 	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
