@@ -8,7 +8,7 @@ SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
 .PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench \
-	gpu-check test test-all docs lint clean
+	gpu-check test test-all test-slow docs lint clean
 
 # Reinstalls only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -70,9 +70,18 @@ gpu-check: install
 test: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# Everything, the slow multi-process tests included (what CI runs).
+# test-all and test-slow run on TEST_WORKERS pytest-xdist processes (TEST_WORKERS=0: in this one);
+# the tests sharing a trained fixture stay in one worker (tests/conftest.py), so it is built once.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
+# Everything, the slow multi-process tests included (meant to take under 10 minutes on 2 cores).
 test-all: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
+
+# Only the tests marked slow: after `make test`, what CI runs, so that every test runs once.
+test-slow: install
+	$(PY) -m pytest -q -m slow $(XDIST) $(ARGS)
 
 # Regenerate docs/config.md from the config models (tests/test_docs.py checks it is current).
 docs: install

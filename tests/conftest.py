@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny generated data, a tiny config, one trained run reused by several tests."""
+"""Shared fixtures: tiny generated data, a tiny config, trained runs reused by several tests.
+
+Under pytest-xdist (`make test-all`, `make test-slow`: `-n 2 --dist loadgroup`) the tests that share
+one of the expensive fixtures in SHARED_FIXTURES run in the same worker, one after the other in
+file order, so each of those fixtures is built once per session, as in a plain `pytest` run.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +79,23 @@ def tiny_cfg(imdb_dir, tmp_path) -> Config:
     return load_config(None, tiny_overrides(imdb_dir, tmp_path))
 
 
+# Resume tests (test_resume.py, test_runs.py): no early stop, so every epoch runs and an interruption
+# always lands with epochs still to go; dropout, so the restored seed states matter.
+RESUME_EPOCHS = 6
+RESUME_EXTRA = [f"train.epochs={RESUME_EPOCHS}", f"train.early_stopping_patience={RESUME_EPOCHS}",
+                "model.dropout=0.3"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(imdb_dir, tmp_path_factory):
+    """One uninterrupted tiny run with RESUME_EXTRA, not exported: what a resumed run must match
+    exactly and a second run of the same config must equal."""
+    from pipeline.train import train
+
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path_factory.mktemp("reference")) + RESUME_EXTRA)
+    return train(cfg, export=False)
+
+
 @pytest.fixture(scope="session")
 def trained_run(imdb_dir, tmp_path_factory):
     """One finished tiny run (trained and exported), shared by the export tests."""
@@ -82,3 +104,18 @@ def trained_run(imdb_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(None, tiny_overrides(imdb_dir, out))
     return cfg, train(cfg)
+
+
+# Fixtures that train (seconds each) and are shared by several tests, some in several files.
+SHARED_FIXTURES = ("trained_run", "reference_run", "searched", "trained_lm", "three_epoch_backup")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, one group per shared fixture: its tests go to one worker together."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))

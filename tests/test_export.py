@@ -23,29 +23,58 @@ from pipeline.export import (
 from pipeline.train import export_run, train
 from tests.conftest import tiny_overrides
 
-RELOAD = """
+# One fresh interpreter (-I: not even this project on its path) that imports only TensorFlow and
+# loads the export once, for both tests below: the round trip, and texts of every odd kind.
+TF_ONLY = r"""
 import json, sys
 import tensorflow as tf
-m = tf.saved_model.load(sys.argv[1])
-sig = m.signatures["serving_default"]
+sig = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
 out = sig(text=tf.constant(["A wonderful superb film!", "Awful boring waste."]))
-print(json.dumps({
-    "mods": sorted(k for k in sys.modules if k.split('.')[0] in ('pipeline', 'keras')),
+round_trip = {
     "inputs": {k: v.dtype.name for k, v in sig.structured_input_signature[1].items()},
     "outputs": sorted(out),
     "p": out["probability"].numpy().tolist(),
-}))
+}
+odd = {
+    "empty": [b""],
+    "whitespace": [b" \t\n \r  "],
+    "punctuation": [b"!?.,;:'\"()[]{}-_/\\... !!!"],
+    "megabyte": [b"a great film, " * (1024 * 1024 // 14 + 1)],
+    "invalid_utf8": [b"\xff\xfe great \xc3\x28 film \x80\xbf", b"\xed\xa0\x80"],
+    "emoji_cjk": ["Loved it \U0001F600\U0001F3AC\U0001F44D".encode(), "非常好看的电影".encode(),
+                  "とても良い映画でした".encode(), "정말 좋은 영화".encode()],
+    "html": [b"<html><body><p>A <b>great</b> film</p><br /><br/><script>alert(1)</script>"
+             b"<a href='x'>&amp; &lt;</a></body></html>"],
+    "batch_of_one": [b"A wonderful film."],
+}
+small = [t for name, texts in odd.items() if name != "megabyte" for t in texts]
+odd["batch_of_10000"] = [small[i % len(small)] + b" %d" % i for i in range(10000)]
+any_text = {}
+for name, texts in odd.items():
+    p = sig(text=tf.constant(texts, dtype=tf.string))["probability"].numpy()
+    any_text[name] = {"n": len(texts), "shape": list(p.shape), "dtype": p.dtype.name,
+                      "finite": bool(tf.reduce_all(tf.math.is_finite(p))),
+                      "min": float(p.min()), "max": float(p.max())}
+print(json.dumps({"round_trip": round_trip, "any_text": any_text,
+                  "mods": sorted(k for k in sys.modules if k.split(".")[0] in ("pipeline", "keras"))}))
 """
 
 
+@pytest.fixture(scope="module")
+def tf_only_report(trained_run):
+    """What the TF_ONLY process saw of trained_run's export (one TensorFlow start for two tests)."""
+    _, result = trained_run
+    proc = subprocess.run([sys.executable, "-I", "-c", TF_ONLY, result.export.path],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_export_round_trip_in_a_tensorflow_only_process(trained_run):
-    cfg, result = trained_run
-    path = result.export.path
-    proc = subprocess.run([sys.executable, "-I", "-c", RELOAD, path], capture_output=True,
-                          text=True, check=True)
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not [m for m in got["mods"] if m.startswith("pipeline")]
+def test_export_round_trip_in_a_tensorflow_only_process(trained_run, tf_only_report):
+    _, result = trained_run
+    got = tf_only_report["round_trip"]
+    assert not [m for m in tf_only_report["mods"] if m.startswith("pipeline")]
     assert got["inputs"] == {"text": "string"}
     assert got["outputs"] == ["probability"]
     pos, neg = got["p"]
@@ -164,43 +193,10 @@ def test_failed_run_adds_no_version(imdb_dir, tmp_path, monkeypatch):
     assert json.loads((run / "run.json").read_text())["status"] != "finished"
 
 
-ANY_TEXT = r"""
-import json, sys
-import tensorflow as tf
-serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-odd = {
-    "empty": [b""],
-    "whitespace": [b" \t\n \r  "],
-    "punctuation": [b"!?.,;:'\"()[]{}-_/\\... !!!"],
-    "megabyte": [b"a great film, " * (1024 * 1024 // 14 + 1)],
-    "invalid_utf8": [b"\xff\xfe great \xc3\x28 film \x80\xbf", b"\xed\xa0\x80"],
-    "emoji_cjk": ["Loved it \U0001F600\U0001F3AC\U0001F44D".encode(), "非常好看的电影".encode(),
-                  "とても良い映画でした".encode(), "정말 좋은 영화".encode()],
-    "html": [b"<html><body><p>A <b>great</b> film</p><br /><br/><script>alert(1)</script>"
-             b"<a href='x'>&amp; &lt;</a></body></html>"],
-    "batch_of_one": [b"A wonderful film."],
-}
-small = [t for name, texts in odd.items() if name != "megabyte" for t in texts]
-odd["batch_of_10000"] = [small[i % len(small)] + b" %d" % i for i in range(10000)]
-report = {}
-for name, texts in odd.items():
-    p = serve(text=tf.constant(texts, dtype=tf.string))["probability"].numpy()
-    report[name] = {"n": len(texts), "shape": list(p.shape), "dtype": p.dtype.name,
-                    "finite": bool(tf.reduce_all(tf.math.is_finite(p))),
-                    "min": float(p.min()), "max": float(p.max())}
-report["pipeline_imported"] = sorted(m for m in sys.modules if m.split(".")[0] == "pipeline")
-print(json.dumps(report))
-"""
-
-
 @pytest.mark.slow
-def test_serving_signature_takes_any_text(trained_run):
-    _, result = trained_run
-    proc = subprocess.run([sys.executable, "-I", "-c", ANY_TEXT, result.export.path],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report.pop("pipeline_imported") == []
+def test_serving_signature_takes_any_text(tf_only_report):
+    report = dict(tf_only_report["any_text"])
+    assert [m for m in tf_only_report["mods"] if m.split(".")[0] == "pipeline"] == []
     assert set(report) == {"empty", "whitespace", "punctuation", "megabyte", "invalid_utf8",
                            "emoji_cjk", "html", "batch_of_one", "batch_of_10000"}
     for name, r in report.items():

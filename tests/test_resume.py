@@ -14,24 +14,16 @@ import pytest
 from pipeline.config import load_config
 from pipeline.runs import tidy_history
 from pipeline.train import train
+from tests.conftest import RESUME_EPOCHS as EPOCHS
+from tests.conftest import RESUME_EXTRA as EXTRA
 from tests.conftest import tiny_overrides
 
-EPOCHS = 6
-# No early stop, so every epoch runs and the kill always lands with epochs still to go;
-# dropout, so the restored seed states matter.
-EXTRA = [f"train.epochs={EPOCHS}", f"train.early_stopping_patience={EPOCHS}", "model.dropout=0.3"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overrides(imdb_dir: Path, out: Path) -> list[str]:
+    # The config of conftest's `reference_run`: the uninterrupted run a resumed one must match.
     return tiny_overrides(imdb_dir, out) + EXTRA
-
-
-@pytest.fixture(scope="module")
-def reference_run(imdb_dir, tmp_path_factory):
-    """One uninterrupted run: what a resumed run must match and a second run must equal."""
-    cfg = load_config(None, _overrides(imdb_dir, tmp_path_factory.mktemp("reference")))
-    return train(cfg, export=False)
 
 
 def _start(imdb_dir: Path, out: Path, log: Path) -> subprocess.Popen:

@@ -33,7 +33,7 @@ from pipeline.runs import (
     run_fingerprint,
 )
 from pipeline.train import train
-from tests.conftest import tiny_overrides, write_aclimdb
+from tests.conftest import RESUME_EPOCHS, RESUME_EXTRA, tiny_overrides, write_aclimdb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,11 +300,9 @@ class _StopAt(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_fallback_to_the_older_backup_matches_an_uninterrupted_run(imdb_dir, tmp_path, monkeypatch,
-                                                                  caplog):
-    extra = ["train.epochs=4", "train.early_stopping_patience=4", "model.dropout=0.3"]
-    reference = train(load_config(None, tiny_overrides(imdb_dir, tmp_path / "ref") + extra),
-                      export=False)
-    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path / "out") + extra)
+                                                                  caplog, reference_run):
+    # reference_run (conftest, shared with test_resume.py): the same config, never interrupted.
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path / "out") + RESUME_EXTRA)
     make_callbacks = pipeline.train.make_callbacks
     with monkeypatch.context() as m:
         m.setattr(pipeline.train, "make_callbacks", lambda *a: make_callbacks(*a) + [_StopAt(3)])
@@ -319,11 +317,11 @@ def test_fallback_to_the_older_backup_matches_an_uninterrupted_run(imdb_dir, tmp
         resumed = train(cfg, export=False)
     assert resumed.run_dir == run
     assert "the latest backup" in caplog.text and "cannot be read" in caplog.text
-    assert "resuming from epoch 3 of 4" in caplog.text  # the copy before: 2 epochs done
+    assert f"resuming from epoch 3 of {RESUME_EPOCHS}" in caplog.text  # the copy before: 2 epochs done
     assert json.loads((run / "run.json").read_text())["started_at_epoch"] == 3
     # Epoch counter, shuffles and seed states of the copy actually loaded: identical results.
-    assert (run / "history.csv").read_text() == (reference.run_dir / "history.csv").read_text()
-    assert resumed.metrics == reference.metrics
+    assert (run / "history.csv").read_text() == (reference_run.run_dir / "history.csv").read_text()
+    assert resumed.metrics == reference_run.metrics
 
 
 # --- resume state, unit by unit -------------------------------------------------------------------
