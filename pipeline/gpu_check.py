@@ -25,12 +25,16 @@ CUDNN_OP_PREFIX = "CudnnRNN"
 _CUDNN_FORWARD = re.compile(r"^CudnnRNN(V\d+)?$")  # forward kernels; backprop ops are extra
 
 
-def graph_op_types(graph_def: tf.compat.v1.GraphDef) -> list[str]:
-    """Every op type in a GraphDef, its function library (loop bodies, branches, calls) included."""
-    types = [node.op for node in graph_def.node]
+def graph_nodes(graph_def: tf.compat.v1.GraphDef) -> Iterator:
+    """Every NodeDef in a GraphDef, its function library (loop bodies, branches, calls) included."""
+    yield from graph_def.node
     for function in graph_def.library.function:
-        types += [node.op for node in function.node_def]
-    return types
+        yield from function.node_def
+
+
+def graph_op_types(graph_def: tf.compat.v1.GraphDef) -> list[str]:
+    """Every op type in a GraphDef, its function library included."""
+    return [node.op for node in graph_nodes(graph_def)]
 
 
 def cudnn_ops(op_types: Iterable[str]) -> list[str]:
@@ -43,29 +47,26 @@ def cudnn_forward_count(op_types: Iterable[str]) -> int:
     return sum(1 for t in op_types if _CUDNN_FORWARD.match(t))
 
 
-def saved_model_op_types(export_path: str | Path) -> list[str]:
-    """Every op type in a SavedModel's saved_model.pb, all meta graphs and functions included."""
+def _saved_model(export_path: str | Path):
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString((Path(export_path) / "saved_model.pb").read_bytes())
-    return [t for meta in saved.meta_graphs for t in graph_op_types(meta.graph_def)]
+    return saved
+
+
+def saved_model_op_types(export_path: str | Path) -> list[str]:
+    """Every op type in a SavedModel's saved_model.pb, all meta graphs and functions included."""
+    return [t for meta in _saved_model(export_path).meta_graphs for t in graph_op_types(meta.graph_def)]
 
 
 def half_precision_ops(export_path: str | Path) -> list[str]:
     """Op types in a SavedModel that compute in float16 (a `T` or `DstT` attribute of DT_HALF)."""
     from tensorflow.core.framework import types_pb2
-    from tensorflow.core.protobuf import saved_model_pb2
 
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((Path(export_path) / "saved_model.pb").read_bytes())
-    found = []
-    for meta in saved.meta_graphs:
-        graph = meta.graph_def
-        for node in [*graph.node, *(n for f in graph.library.function for n in f.node_def)]:
-            if any(node.attr[k].type == types_pb2.DT_HALF for k in ("T", "DstT") if k in node.attr):
-                found.append(node.op)
-    return found
+    return [node.op for meta in _saved_model(export_path).meta_graphs
+            for node in graph_nodes(meta.graph_def)
+            if any(node.attr[k].type == types_pb2.DT_HALF for k in ("T", "DstT") if k in node.attr)]
 
 
 def lstm_directions(model: keras.Model) -> int:
