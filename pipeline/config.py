@@ -169,6 +169,18 @@ class PretrainConfig(_Section):
     lm_validation_reviews: int = Field(500, ge=0)  # held-out unlabelled reviews for perplexity
 
 
+class NgramsConfig(_Section):
+    # A bag-of-n-grams logistic regression (NBSVM-style) whose logit is blended with the
+    # LSTM's by a regression fitted on the validation split; served in the same SavedModel.
+    enabled: bool = False
+    order: int = Field(3, ge=1, le=5)  # 1- to order-grams of the vectorizer's tokens
+    min_df: int = Field(2, ge=1)  # n-grams in fewer training reviews are left out
+    max_features: int = Field(2_000_000, gt=0)  # the most frequent n-grams kept, at most
+    inverse_l2: float = Field(16.0, gt=0.0)  # the regression's C: larger, less regularized
+    nb_weighting: bool = True  # scale each n-gram by its naive-Bayes log-count ratio first
+    max_iter: int = Field(1000, gt=0)  # L-BFGS iterations for the regression
+
+
 class Config(_Section):
     name: str = "imdb_lstm"  # a plain folder name: saved_models/<name>/, runs/<name>/
     seed: int = 42  # seeds Python, NumPy, TensorFlow and the shuffles
@@ -181,6 +193,7 @@ class Config(_Section):
     export: ExportConfig = ExportConfig()
     tune: TuneConfig = TuneConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    ngrams: NgramsConfig = NgramsConfig()
 
     @field_validator("name")
     @classmethod

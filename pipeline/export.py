@@ -9,6 +9,7 @@ temporary folder; one left by a killed exporter is removed by the next export.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import tensorflow as tf
 
 from pipeline.config import Config, PipelineError
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
-from pipeline.model import build_model, model_kwargs
+from pipeline.model import build_model, logit_fn, model_kwargs
+from pipeline.ngrams import NgramModel, blend_logit, ngram_layer
 from pipeline.vectorize import texts_to_padded_ids
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,41 @@ class ExportResult:
     checked_texts: int
 
 
+def score_texts(vectorizer: keras.layers.TextVectorization, model: keras.Model, texts: list[str],
+                max_length: int, ngram: NgramModel | None = None, batch_size: int = 256,
+                graph: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """The LSTM's logits of `texts` and, given a branch, the n-gram regression's, in input order.
+
+    Reviews of similar length share a batch, so the LSTM runs over little padding.
+    `graph=False` runs eagerly: slower, but traced by nothing that the export traces.
+    """
+    lstm_logit = functools.partial(logit_fn(model), training=False)
+    branch = ngram_layer(ngram) if ngram is not None else None
+    if graph:
+        lstm_logit = tf.function(lstm_logit, input_signature=[tf.TensorSpec([None, None], tf.int64)])
+        if branch is not None:
+            branch = tf.function(branch, input_signature=[tf.TensorSpec([None], tf.string)])
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    z_lstm, z_ngram = np.zeros(len(texts)), np.zeros(len(texts))
+    for start in range(0, len(texts), batch_size):
+        index = order[start:start + batch_size]
+        batch = tf.constant([texts[i] for i in index], dtype=tf.string)
+        z_lstm[index] = lstm_logit(texts_to_padded_ids(vectorizer, batch, max_length)).numpy()
+        if branch is not None:
+            z_ngram[index] = branch(batch).numpy()
+    return z_lstm, (z_ngram if branch is not None else None)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def in_memory_predict(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                      texts: list[str], max_length: int) -> np.ndarray:
-    """Probabilities from the in-memory vectorizer and model: the reference for the export."""
-    ids = texts_to_padded_ids(vectorizer, tf.constant(texts, dtype=tf.string), max_length)
-    return np.asarray(model(ids, training=False), dtype=np.float64).reshape(-1)
+                      texts: list[str], max_length: int, ngram: NgramModel | None = None
+                      ) -> np.ndarray:
+    """Probabilities from the in-memory vectorizer, model and n-gram branch: the export's reference."""
+    z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram, graph=False)
+    return sigmoid(z_lstm if ngram is None else blend_logit(z_lstm, z_ngram, ngram.blend))
 
 
 def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
@@ -89,7 +121,7 @@ def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
 
 
 def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     cfg: Config) -> keras.export.ExportArchive:
+                     cfg: Config, ngram: NgramModel | None = None) -> keras.export.ExportArchive:
     # A cuDNN-free, float32 copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
     # that a CPU-only server cannot run, and a mixed-precision model would compute in
     # float16, which CPUs run slowly. Its variables are float32 either way.
@@ -102,15 +134,20 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
         keras.config.set_dtype_policy(policy)
     serve_model.set_weights(model.get_weights())
     max_length = cfg.vectorize.max_length
+    lstm_logit = logit_fn(serve_model)
+    branch = ngram_layer(ngram) if ngram is not None else None
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(text):
-        ids = texts_to_padded_ids(vectorizer, text, max_length)
-        probability = serve_model(ids, training=False)
-        return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
+        logit = lstm_logit(texts_to_padded_ids(vectorizer, text, max_length))
+        if branch is not None:
+            logit = blend_logit(logit, branch(text), ngram.blend)
+        return {OUTPUT_NAME: tf.sigmoid(tf.cast(logit, tf.float32))}
 
     archive = keras.export.ExportArchive()
     archive.track(serve_model)
+    if branch is not None:
+        archive.track(branch)
     if not vectorizer.built:  # one rebuilt from a vocabulary file has not been called yet
         vectorizer(tf.constant([""]))
     archive.track(vectorizer)
@@ -248,7 +285,7 @@ def check_tolerance(model: keras.Model, tolerance: float) -> float:
 
 
 def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model, cfg: Config,
-                 check_texts: list[str]) -> ExportResult:
+                 check_texts: list[str], ngram: NgramModel | None = None) -> ExportResult:
     """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure."""
     model_dir = Path(cfg.export.dir) / cfg.name
     try:
@@ -260,11 +297,11 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     staged = work / "model"  # what gets published; created with the usual permissions
     try:
         try:
-            _serving_archive(vectorizer, model, cfg).write_out(str(staged), verbose=False)
+            _serving_archive(vectorizer, model, cfg, ngram).write_out(str(staged), verbose=False)
             write_warmup_requests(staged, check_texts[:8], cfg.name)
         except (OSError, tf.errors.OpError) as exc:  # disk full, permissions, quota
             raise _cannot_write(model_dir, exc) from None
-        expected = in_memory_predict(vectorizer, model, check_texts, cfg.vectorize.max_length)
+        expected = in_memory_predict(vectorizer, model, check_texts, cfg.vectorize.max_length, ngram)
         got = reload_predict(staged, check_texts)
         diff = float(np.max(np.abs(expected - got)))
         tolerance = check_tolerance(model, cfg.export.verify_tolerance)

@@ -6,6 +6,8 @@ recurrent_dropout=0, unroll=False); inputs are right-padded with masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import numpy as np
 
@@ -162,6 +164,22 @@ class MaskedMaxPooling1D(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[2])
+
+
+def logit_fn(model: keras.Model) -> Callable:
+    """Token ids -> the output layer's logit, before the sigmoid: what a blend adds to.
+
+    Shares the model's layers and weights; the logit is recomputed exactly, not recovered
+    from a probability that float32 rounds to 1 beyond a logit of about 17.
+    """
+    head = model.get_layer("probability")
+    features = keras.Model(model.inputs, head.input)
+
+    def logit(ids, training: bool = False):
+        x = keras.ops.cast(features(ids, training=training), head.kernel.dtype)
+        return keras.ops.reshape(keras.ops.matmul(x, head.kernel) + head.bias, (-1,))
+
+    return logit
 
 
 def model_kwargs(cfg: ModelConfig) -> dict:

@@ -46,6 +46,7 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "curves.png"
 EXPORT_FILE = "export.json"
+NGRAMS_FILE = "ngrams.npz"  # the fitted n-gram branch and its blend (ngrams.enabled)
 BACKUP_DIR = "backup"
 SEED_STATE_FILE = "seed_state.json"  # beside the Keras backup, deleted with it
 # Keras' BackupAndRestore file names (double_checkpoint=True keeps a `.bkp` copy of each).

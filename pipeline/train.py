@@ -14,6 +14,7 @@ training had finished. Tuned hyperparameters arrive already applied to `cfg`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
 import resource
@@ -28,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
+from pipeline import ngrams
 from pipeline.compat import fix_keras_multi_worker
 from pipeline.config import Config, load_config, save_config
 from pipeline.constants import THRESHOLD
@@ -42,7 +44,15 @@ from pipeline.distribute import (
     task_name,
 )
 from pipeline.embeddings import write_projector
-from pipeline.export import ExportResult, check_texts, check_writable, export_model, save_result
+from pipeline.export import (
+    ExportResult,
+    check_texts,
+    check_writable,
+    export_model,
+    save_result,
+    score_texts,
+    sigmoid,
+)
 from pipeline.model import PretrainedSchedule, build_model, model_kwargs
 from pipeline.pretrain import initial_weights
 from pipeline.runs import (
@@ -53,6 +63,7 @@ from pipeline.runs import (
     EXPORT_FILE,
     HISTORY_FILE,
     METRICS_FILE,
+    NGRAMS_FILE,
     SEED_STATE_FILE,
     VOCAB_FILE,
     WEIGHTS_FILE,
@@ -136,8 +147,6 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         val_ds = vectorize_split(raw.validation, vectorizer, cfg.vectorize, cfg.train, global_batch,
                                  replicas=replicas)
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
-        # Test is scored on one device by `evaluate` (the chief's), so every review counts.
-        test_ds = vectorize_split(raw.test, vectorizer, cfg.vectorize, cfg.train, global_batch)
 
         # Model: only construction and compile belong in the strategy's scope.
         lr = cfg.model.learning_rate * (replicas if cfg.train.lr_scaling == "linear" else 1)
@@ -169,13 +178,16 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
                         run.dir / "tensorboard" / "embedding")
         run.update(fit_seconds_this_session=round(time.time() - t_fit, 1))
 
-        # Evaluate and export: a rerun after an interruption from here on starts here again.
+        # The n-gram branch, evaluation and export: a rerun after an interruption from here on
+        # starts here again (a fitted branch is reloaded). Test is scored by the chief alone,
+        # on the reviews as they are served, so every review counts.
+        ngram = ngram_branch(cfg, raw, vectorizer, model, run) if cfg.ngrams.enabled else None
         log.info("evaluating on %d test reviews", sizes["test"])
-        metrics = evaluate(model, test_ds)
+        metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram)
         write_json(run.dir / METRICS_FILE, metrics)
         result = None
         if export:
-            result = export_model(vectorizer, model, cfg, check_texts(raw.test))
+            result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram)
             save_result(result, run.dir / EXPORT_FILE)
         run.update(status="finished", total_seconds_this_session=round(time.time() - t0, 1),
                    peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
@@ -288,15 +300,51 @@ def keep_best_weights(model: keras.Model, run: Run) -> None:
     shutil.rmtree(run.dir / BACKUP_DIR, ignore_errors=True)
 
 
-def evaluate(model: keras.Model, test_ds: tf.data.Dataset) -> dict:
-    """Accuracy, precision, recall, AUC, loss and confusion matrix on one pass over the data."""
-    predict = tf.function(lambda ids: model(ids, training=False),
-                          input_signature=[tf.TensorSpec([None, None], tf.int64)])
-    probs, labels = [], []
-    for ids, y in test_ds:
-        probs.append(np.asarray(predict(ids), dtype=np.float64).reshape(-1))
-        labels.append(y.numpy().reshape(-1))
-    p, y = np.concatenate(probs), np.concatenate(labels).astype(np.int64)
+def decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
+    """A raw split's reviews and labels, in order."""
+    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in ds.as_numpy_iterator()]
+    return [t for t, _ in pairs], np.array([y for _, y in pairs], dtype=np.int64)
+
+
+def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.TextVectorization,
+                 model: keras.Model, run: Run) -> ngrams.NgramModel:
+    """The run's n-gram regression (training reviews) and its blend with the trained LSTM
+    (validation reviews): fitted once, saved in the run, reloaded on a rerun."""
+    path = run.dir / NGRAMS_FILE
+    if path.is_file():
+        return ngrams.load(path)
+    texts, labels = decoded(raw.train)
+    t0 = time.time()
+    log.info("n-gram branch: fitting on %d training reviews", len(texts))
+    branch = ngrams.fit(texts, labels, cfg.ngrams)
+    texts, labels = decoded(raw.validation)
+    z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, branch)
+    branch = dataclasses.replace(branch, blend=ngrams.fit_blend(z_lstm, z_ngram, labels))
+    ngrams.save(branch, path)
+    a, b, c = branch.blend
+    log.info("n-gram branch: %d n-grams in %.0fs; validation accuracy LSTM %.4f, n-grams %.4f; "
+             "blend %.3f x LSTM + %.3f x n-grams %+.3f", len(branch.vocabulary), time.time() - t0,
+             np.mean((z_lstm > 0) == labels), np.mean((z_ngram > 0) == labels), a, b, c)
+    return branch
+
+
+def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
+             raw_test: tf.data.Dataset, max_length: int, ngram: ngrams.NgramModel | None) -> dict:
+    """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well."""
+    texts, labels = decoded(raw_test)
+    z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
+    if ngram is None:
+        return metrics_of(sigmoid(z_lstm), labels)
+    metrics = metrics_of(sigmoid(ngrams.blend_logit(z_lstm, z_ngram, ngram.blend)), labels)
+    for part, z in (("lstm", z_lstm), ("ngrams", z_ngram)):
+        alone = metrics_of(sigmoid(z), labels)
+        metrics[part] = {k: alone[k] for k in ("accuracy", "auc", "loss")}
+    metrics["blend"] = dict(zip(("lstm", "ngrams", "intercept"), ngram.blend, strict=True))
+    return metrics
+
+
+def metrics_of(p: np.ndarray, y: np.ndarray) -> dict:
+    """Accuracy, precision, recall, AUC, loss and confusion matrix of probabilities `p`."""
     pred = (p >= THRESHOLD).astype(np.int64)
     tp, fp = int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0)))
     tn, fn = int(np.sum((pred == 0) & (y == 0))), int(np.sum((pred == 0) & (y == 1)))
@@ -338,21 +386,23 @@ def plot_curves(history_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model]:
-    """Rebuild a finished run's config, vectorizer and trained model from its directory."""
+def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model,
+                                      ngrams.NgramModel | None]:
+    """Rebuild a finished run's config, vectorizer, trained model and n-gram branch (if any)."""
     cfg = load_config(run_dir / CONFIG_FILE)
     vectorizer = make_vectorizer(cfg.vectorize, load_vocabulary(run_dir / VOCAB_FILE))
     model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
     model.load_weights(str(run_dir / WEIGHTS_FILE))
-    return cfg, vectorizer, model
+    ngram = ngrams.load(run_dir / NGRAMS_FILE) if cfg.ngrams.enabled else None
+    return cfg, vectorizer, model, ngram
 
 
 def export_run(run_dir: Path, export_dir: str | None = None) -> ExportResult:
     """Export a finished run again (a new version) without retraining."""
-    cfg, vectorizer, model = load_run(run_dir)
+    cfg, vectorizer, model, ngram = load_run(run_dir)
     if export_dir is not None:
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": export_dir})})
     raw = data_mod.load_raw(cfg.data, cfg.seed)
-    result = export_model(vectorizer, model, cfg, check_texts(raw.test))
+    result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram)
     save_result(result, run_dir / EXPORT_FILE)
     return result

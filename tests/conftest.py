@@ -98,11 +98,12 @@ def reference_run(imdb_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(imdb_dir, tmp_path_factory):
-    """One finished tiny run (trained and exported), shared by the export tests."""
+    """One finished tiny run (trained and exported) with the n-gram branch, as the default
+    config ships; shared by the export tests."""
     from pipeline.train import train
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = load_config(None, tiny_overrides(imdb_dir, out))
+    cfg = load_config(None, tiny_overrides(imdb_dir, out) + ["ngrams.enabled=true"])
     return cfg, train(cfg)
 
 

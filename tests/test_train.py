@@ -12,7 +12,8 @@ def test_run_directory_holds_everything(trained_run):
     cfg, result = trained_run
     run = result.run_dir
     for name in ("config.yaml", "run.json", "vocabulary.txt", "model.weights.h5", "history.csv",
-                 "metrics.json", "curves.png", "export.json", "checkpoints/best.weights.h5"):
+                 "metrics.json", "curves.png", "export.json", "checkpoints/best.weights.h5",
+                 "ngrams.npz"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
     assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.to_dict()
@@ -36,4 +37,8 @@ def test_metrics_are_consistent(trained_run):
     assert m["precision"] == pytest.approx(tp / (tp + fp))
     assert m["recall"] == pytest.approx(tp / (tp + fn))
     assert m["auc"] >= 0.8 and 0.0 < m["loss"] < 0.69  # better than a coin: ln 2 is its loss
+    # the served model blends the two parts; each part is scored alone as well
+    assert set(m["blend"]) == {"lstm", "ngrams", "intercept"}
+    for part in ("lstm", "ngrams"):
+        assert 0.5 <= m[part]["accuracy"] <= 1.0 and 0.0 < m[part]["loss"]
 
