@@ -308,19 +308,27 @@ def decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
 
 def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.TextVectorization,
                  model: keras.Model, run: Run) -> ngrams.NgramModel:
-    """The run's n-gram regression (training reviews) and its blend with the trained LSTM
-    (validation reviews): fitted once, saved in the run, reloaded on a rerun."""
+    """The run's n-gram branch: fitted once (`fit_ngram_branch`), saved in the run, reloaded
+    on a rerun."""
     path = run.dir / NGRAMS_FILE
     if path.is_file():
         return ngrams.load(path)
-    texts, labels = decoded(raw.train)
+    branch = fit_ngram_branch(cfg, vectorizer, model, decoded(raw.train), decoded(raw.validation))
+    ngrams.save(branch, path)
+    return branch
+
+
+def fit_ngram_branch(cfg: Config, vectorizer: keras.layers.TextVectorization, model: keras.Model,
+                     train: tuple[list[str], np.ndarray], validation: tuple[list[str], np.ndarray]
+                     ) -> ngrams.NgramModel:
+    """The n-gram regression on the training reviews, and its blend with the trained LSTM
+    on the validation reviews (which neither model was fitted on)."""
     t0 = time.time()
-    log.info("n-gram branch: fitting on %d training reviews", len(texts))
-    branch = ngrams.fit(texts, labels, cfg.ngrams)
-    texts, labels = decoded(raw.validation)
+    log.info("n-gram branch: fitting on %d training reviews", len(train[0]))
+    branch = ngrams.fit(*train, cfg.ngrams)
+    texts, labels = validation
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, branch)
     branch = dataclasses.replace(branch, blend=ngrams.fit_blend(z_lstm, z_ngram, labels))
-    ngrams.save(branch, path)
     a, b, c = branch.blend
     log.info("n-gram branch: %d n-grams in %.0fs; validation accuracy LSTM %.4f, n-grams %.4f; "
              "blend %.3f x LSTM + %.3f x n-grams %+.3f", len(branch.vocabulary), time.time() - t0,

@@ -5,7 +5,8 @@ from pipeline.bench import MARK_END, MARK_START, peer_table, run_bench, run_peer
 
 @pytest.mark.slow
 def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
-    result = run_bench(tiny_cfg, train_examples=60, test_examples=40, epochs=2)
+    cfg = tiny_cfg.model_copy(update={"ngrams": tiny_cfg.ngrams.model_copy(update={"enabled": True})})
+    result = run_bench(cfg, train_examples=60, test_examples=40, epochs=2)
     for side in ("baseline", "pipeline"):
         assert result[side]["train_examples_per_s"] > 0
         assert len(result[side]["seconds_per_epoch"]) == 2
@@ -15,6 +16,10 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     assert result["train_examples"] == 60 and result["test_examples"] == 40
     assert result["peer"]["test_accuracy"] >= 0.8  # separable tiny data: the peer gets it
     assert result["peer"]["train_seconds"] >= 0
+    # the served model: the LSTM with its n-gram branch, trained a little longer than the LSTM alone
+    served = result["served"]
+    assert served["test_accuracy"] >= 0.8 and served["test_auc"] >= 0.8
+    assert served["train_seconds"] >= sum(result["pipeline"]["seconds_per_epoch"])
 
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
@@ -25,6 +30,7 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     assert "notes above" in text and "notes below" in text
     assert f"**{result['train_speedup']}x**" in text
     assert f"| {result['peer']['test_accuracy']:.4f} | {result['peer']['test_auc']:.4f} |" in text
+    assert f"served), 2 epochs | {served['test_accuracy']:.4f} | {served['test_auc']:.4f} |" in text
     assert (tmp_path / "out" / "bench.json").is_file()
 
 

@@ -42,3 +42,28 @@ def test_metrics_are_consistent(trained_run):
     for part in ("lstm", "ngrams"):
         assert 0.5 <= m[part]["accuracy"] <= 1.0 and 0.0 < m[part]["loss"]
 
+
+
+def test_ngram_branch_sees_training_reviews_only_and_is_fitted_once(tiny_cfg, monkeypatch):
+    import pipeline.ngrams
+    from pipeline.data import load_raw
+    from pipeline.train import decoded, ngram_branch, train
+
+    seen = []
+    fit = pipeline.ngrams.fit
+    monkeypatch.setattr(pipeline.ngrams, "fit", lambda texts, *a: seen.append(list(texts)) or fit(texts, *a))
+    cfg = tiny_cfg.model_copy(update={"ngrams": tiny_cfg.ngrams.model_copy(update={"enabled": True}),
+                                      "train": tiny_cfg.train.model_copy(update={"epochs": 1})})
+    result = train(cfg, export=False)
+    raw = load_raw(cfg.data, cfg.seed)
+    (train_texts, _), (val_texts, _), (test_texts, _) = (decoded(s) for s in (raw.train, raw.validation,
+                                                                              raw.test))
+    assert len(seen) == 1 and sorted(seen[0]) == sorted(train_texts)
+    assert not set(seen[0]) & (set(val_texts) | set(test_texts))
+    assert result.metrics["ngrams"]["accuracy"] >= 0.8  # separable tiny data
+
+    class FinishedRun:  # a rerun reloads the saved branch instead of fitting it again
+        dir = result.run_dir
+
+    again = ngram_branch(cfg, raw, None, None, FinishedRun())
+    assert len(seen) == 1 and again.blend == pytest.approx(tuple(result.metrics["blend"].values()))
