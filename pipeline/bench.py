@@ -104,11 +104,6 @@ def _latency_ms(fn, text: str, repeats: int) -> dict:
     return {"p50": round(float(p50), 2), "p95": round(float(p95), 2)}
 
 
-def _decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
-    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in ds.as_numpy_iterator()]
-    return [t for t, _ in pairs], np.array([y for _, y in pairs])
-
-
 def _auc(probs: np.ndarray, labels: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -136,7 +131,7 @@ def run_peer(cfg: Config, train_examples: int | None, test_examples: int | None)
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     train = raw.train.take(train_examples) if train_examples else raw.train
     test = raw.test.take(test_examples) if test_examples else raw.test
-    (train_texts, train_labels), (texts, labels) = _decoded(train), _decoded(test)
+    (train_texts, train_labels), (texts, labels) = data_mod.decoded(train), data_mod.decoded(test)
     return {"train_examples": len(train_texts), "test_examples": len(texts),
             "peer": linear_peer(train_texts, train_labels, texts, labels)}
 
@@ -145,11 +140,11 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     seed_everything(cfg)
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     raw_train = raw.train.take(train_examples).cache()
-    texts, labels = _decoded(raw.test.take(test_examples))
+    texts, labels = data_mod.decoded(raw.test.take(test_examples))
     n = data_mod.count(raw_train)
     batch = cfg.train.batch_size
     result: dict = {"train_examples": n, "test_examples": len(texts), "epochs": epochs, "batch_size": batch}
-    result["peer"] = linear_peer(*_decoded(raw_train), texts, labels)
+    result["peer"] = linear_peer(*data_mod.decoded(raw_train), texts, labels)
 
     # (a) the tutorial's way.
     base = baseline_model(raw_train, cfg)
@@ -174,8 +169,8 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
         from pipeline.train import fit_ngram_branch
 
         t0 = time.time()
-        ngram = fit_ngram_branch(cfg, vectorizer, model, _decoded(raw_train),
-                                 _decoded(raw.validation.take(test_examples)))
+        ngram = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw_train),
+                                 data_mod.decoded(raw.validation.take(test_examples)))
         branch_seconds = time.time() - t0
         z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, ngram)
         probs = sigmoid(ngrams.blend_logit(z_lstm, z_ngram, ngram.blend))

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline.config import DataConfig, PipelineError
@@ -173,6 +174,12 @@ def load_raw(cfg: DataConfig, seed: int) -> RawSplits:
     if cfg.max_eval_examples:
         val, test = val.take(cfg.max_eval_examples), test.take(cfg.max_eval_examples)
     return RawSplits(train=train, validation=val, test=test, files=files)
+
+
+def decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
+    """A raw split's reviews (invalid UTF-8 replaced) and int64 labels, in order."""
+    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in ds.as_numpy_iterator()]
+    return [t for t, _ in pairs], np.array([y for _, y in pairs], dtype=np.int64)
 
 
 def count(ds: tf.data.Dataset) -> int:

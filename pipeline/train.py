@@ -1,4 +1,4 @@
-"""The training spine: data -> vectorize -> model -> fit -> evaluate -> export.
+"""The training spine: data -> vectorize -> model -> fit -> n-gram branch -> evaluate -> export.
 
 `train(cfg)` reads top to bottom in that order. The bookkeeping (the run directory and
 its lock, the run record, the resume state) lives in `pipeline.runs`; each run has its
@@ -300,12 +300,6 @@ def keep_best_weights(model: keras.Model, run: Run) -> None:
     shutil.rmtree(run.dir / BACKUP_DIR, ignore_errors=True)
 
 
-def decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
-    """A raw split's reviews and labels, in order."""
-    pairs = [(t.decode("utf-8", "replace"), int(y)) for t, y in ds.as_numpy_iterator()]
-    return [t for t, _ in pairs], np.array([y for _, y in pairs], dtype=np.int64)
-
-
 def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.TextVectorization,
                  model: keras.Model, run: Run) -> ngrams.NgramModel:
     """The run's n-gram branch: fitted once (`fit_ngram_branch`), saved in the run, reloaded
@@ -313,7 +307,8 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
     path = run.dir / NGRAMS_FILE
     if path.is_file():
         return ngrams.load(path)
-    branch = fit_ngram_branch(cfg, vectorizer, model, decoded(raw.train), decoded(raw.validation))
+    branch = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw.train),
+                              data_mod.decoded(raw.validation))
     ngrams.save(branch, path)
     return branch
 
@@ -339,7 +334,7 @@ def fit_ngram_branch(cfg: Config, vectorizer: keras.layers.TextVectorization, mo
 def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
              raw_test: tf.data.Dataset, max_length: int, ngram: ngrams.NgramModel | None) -> dict:
     """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well."""
-    texts, labels = decoded(raw_test)
+    texts, labels = data_mod.decoded(raw_test)
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
     if ngram is None:
         return metrics_of(sigmoid(z_lstm), labels)

@@ -46,8 +46,8 @@ def test_metrics_are_consistent(trained_run):
 
 def test_ngram_branch_sees_training_reviews_only_and_is_fitted_once(tiny_cfg, monkeypatch):
     import pipeline.ngrams
-    from pipeline.data import load_raw
-    from pipeline.train import decoded, ngram_branch, train
+    from pipeline.data import decoded, load_raw
+    from pipeline.train import ngram_branch, train
 
     seen = []
     fit = pipeline.ngrams.fit
