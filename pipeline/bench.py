@@ -16,6 +16,7 @@ that served model.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
 import shutil
@@ -36,6 +37,8 @@ from pipeline.model import build_model, logit_fn, model_kwargs
 from pipeline.runs import seed_everything
 from pipeline.vectorize import adapt_vectorizer, standardize, texts_to_padded_ids, vectorize_split
 
+log = logging.getLogger(__name__)
+
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 SERVING_TEXTS = 2000  # test reviews timed through each serving path: enough for a steady rate
 
@@ -50,6 +53,7 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._t)
+        log.info("bench: epoch %d: %.0f s", epoch + 1, self.seconds[-1])
 
 
 def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
@@ -144,9 +148,12 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     n = data_mod.count(raw_train)
     batch = cfg.train.batch_size
     result: dict = {"train_examples": n, "test_examples": len(texts), "epochs": epochs, "batch_size": batch}
+    log.info("bench: %d training and %d test reviews, %d epochs per side; (c) the linear peer",
+             n, len(texts), epochs)
     result["peer"] = linear_peer(*data_mod.decoded(raw_train), texts, labels)
 
     # (a) the tutorial's way.
+    log.info("bench: (a) the tutorial baseline")
     base = baseline_model(raw_train, cfg)
     base_train = raw_train.shuffle(n, seed=cfg.seed).batch(batch).prefetch(tf.data.AUTOTUNE)
     result["baseline"] = _fit(base, base_train, epochs, n)
@@ -156,6 +163,7 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     del base
 
     # (b) this pipeline.
+    log.info("bench: (b) this pipeline")
     seed_everything(cfg)
     vectorizer = adapt_vectorizer(cfg.vectorize, raw_train)
     train_ds = vectorize_split(raw_train, vectorizer, cfg.vectorize, cfg.train, batch, shuffle_seed=cfg.seed)
@@ -182,6 +190,7 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     result["all_epochs_speedup"] = round(b["all_epochs_examples_per_s"] / a["all_epochs_examples_per_s"], 2)
 
     # Serving: the exported SavedModel against the in-memory model, same texts and batches.
+    log.info("bench: export and serving")
     out = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
         export_cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": str(out)})})

@@ -44,26 +44,33 @@ def test_metrics_are_consistent(trained_run):
 
 
 
-def test_ngram_branch_sees_training_reviews_only_and_is_fitted_once(tiny_cfg, monkeypatch):
+def test_ngram_branch_sees_training_reviews_only_and_is_fitted_once(trained_run, monkeypatch):
+    import numpy as np
+
     import pipeline.ngrams
     from pipeline.data import decoded, load_raw
-    from pipeline.train import ngram_branch, train
+    from pipeline.train import ngram_branch
 
-    seen = []
-    fit = pipeline.ngrams.fit
-    monkeypatch.setattr(pipeline.ngrams, "fit", lambda texts, *a: seen.append(list(texts)) or fit(texts, *a))
-    cfg = tiny_cfg.model_copy(update={"ngrams": tiny_cfg.ngrams.model_copy(update={"enabled": True}),
-                                      "train": tiny_cfg.train.model_copy(update={"epochs": 1})})
-    result = train(cfg, export=False)
+    cfg, result = trained_run
     raw = load_raw(cfg.data, cfg.seed)
-    (train_texts, _), (val_texts, _), (test_texts, _) = (decoded(s) for s in (raw.train, raw.validation,
-                                                                              raw.test))
-    assert len(seen) == 1 and sorted(seen[0]) == sorted(train_texts)
-    assert not set(seen[0]) & (set(val_texts) | set(test_texts))
+    saved = pipeline.ngrams.load(result.run_dir / "ngrams.npz")
+    # The vocabulary and idf depend on every review fitted on (idf on their number too):
+    # rebuilt from the training split alone, they come out the same.
+    train_texts, _ = decoded(raw.train)
+    vocabulary, idf = pipeline.ngrams.build_vocabulary(train_texts, cfg.ngrams)
+    assert saved.vocabulary == vocabulary and np.array_equal(saved.idf, idf)
+    _, all_idf = pipeline.ngrams.build_vocabulary(
+        train_texts + decoded(raw.validation)[0] + decoded(raw.test)[0], cfg.ngrams)
+    assert not np.array_equal(all_idf[:len(idf)], idf)  # the check can tell the difference
     assert result.metrics["ngrams"]["accuracy"] >= 0.8  # separable tiny data
 
-    class FinishedRun:  # a rerun reloads the saved branch instead of fitting it again
+    def no_refit(*args):
+        raise AssertionError("the saved branch should have been reloaded")
+
+    monkeypatch.setattr(pipeline.ngrams, "fit", no_refit)
+
+    class FinishedRun:
         dir = result.run_dir
 
     again = ngram_branch(cfg, raw, None, None, FinishedRun())
-    assert len(seen) == 1 and again.blend == pytest.approx(tuple(result.metrics["blend"].values()))
+    assert again.blend == pytest.approx(tuple(result.metrics["blend"].values()))
