@@ -32,10 +32,16 @@ from pipeline import data as data_mod
 from pipeline import ngrams
 from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
-from pipeline.export import export_model, score_texts, sigmoid
+from pipeline.export import (
+    export_model,
+    score_texts,
+    served_probabilities,
+    served_probability,
+    sigmoid,
+)
 from pipeline.model import build_model, logit_fn, model_kwargs
 from pipeline.runs import seed_everything
-from pipeline.vectorize import adapt_vectorizer, standardize, texts_to_padded_ids, vectorize_split
+from pipeline.vectorize import adapt_vectorizer, standardize, vectorize_split
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +186,8 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
         ngram = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw_train),
                                  data_mod.decoded(raw.validation.take(test_examples)))
         branch_seconds = time.time() - t0
-        z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, ngram)
-        probs = sigmoid(ngrams.blend_logit(z_lstm, z_ngram, ngram.blend))
+        probs = served_probabilities(*score_texts(vectorizer, model, texts, cfg.vectorize.max_length,
+                                                  ngram), ngram)
         result["served"] = {"test_accuracy": _accuracy(probs, labels), "test_auc": _auc(probs, labels),
                             "train_seconds": round(sum(result["pipeline"]["seconds_per_epoch"])
                                                    + branch_seconds, 1)}
@@ -199,12 +205,9 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
         saved_fn = lambda xs: serve(**{INPUT_NAME: tf.constant(xs)})[OUTPUT_NAME].numpy()  # noqa: E731
         # The in-memory side gets the same advantage as the export: one traced graph, not eager calls.
         lstm_logit, branch = logit_fn(model), ngrams.ngram_layer(ngram) if ngram else None
-
-        def served(t):
-            z = lstm_logit(texts_to_padded_ids(vectorizer, t, cfg.vectorize.max_length))
-            return tf.sigmoid(ngrams.blend_logit(z, branch(t), ngram.blend) if branch else z)
-
-        in_memory = tf.function(served, input_signature=[tf.TensorSpec([None], tf.string)])
+        in_memory = tf.function(
+            lambda t: served_probability(vectorizer, lstm_logit, branch, ngram, t, cfg.vectorize.max_length),
+            input_signature=[tf.TensorSpec([None], tf.string)])
         keras_fn = lambda xs: in_memory(tf.constant(xs)).numpy()  # noqa: E731
         timed = texts[:SERVING_TEXTS]
         saved_rate, keras_rate = _throughput(saved_fn, timed, 256), _throughput(keras_fn, timed, 256)

@@ -106,12 +106,28 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def served_probabilities(z_lstm: np.ndarray, z_ngram: np.ndarray | None, ngram: NgramModel | None
+                         ) -> np.ndarray:
+    """The served probability from the parts' logits (`score_texts`): the blend, or the LSTM's."""
+    return sigmoid(z_lstm if ngram is None else blend_logit(z_lstm, z_ngram, ngram.blend))
+
+
+def served_probability(vectorizer: keras.layers.TextVectorization, lstm_logit, branch,
+                       ngram: NgramModel | None, text: tf.Tensor, max_length: int) -> tf.Tensor:
+    """Raw strings -> probability in TensorFlow ops: the export's signature and the bench's
+    in-memory comparison trace this one function. `branch` is `ngram`'s layer, or None."""
+    logit = lstm_logit(texts_to_padded_ids(vectorizer, text, max_length))
+    if branch is not None:
+        logit = blend_logit(logit, branch(text), ngram.blend)
+    return tf.sigmoid(tf.cast(logit, tf.float32))
+
+
 def in_memory_predict(vectorizer: keras.layers.TextVectorization, model: keras.Model,
                       texts: list[str], max_length: int, ngram: NgramModel | None = None
                       ) -> np.ndarray:
     """Probabilities from the in-memory vectorizer, model and n-gram branch: the export's reference."""
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram, graph=False)
-    return sigmoid(z_lstm if ngram is None else blend_logit(z_lstm, z_ngram, ngram.blend))
+    return served_probabilities(z_lstm, z_ngram, ngram)
 
 
 def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
@@ -139,10 +155,7 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(text):
-        logit = lstm_logit(texts_to_padded_ids(vectorizer, text, max_length))
-        if branch is not None:
-            logit = blend_logit(logit, branch(text), ngram.blend)
-        return {OUTPUT_NAME: tf.sigmoid(tf.cast(logit, tf.float32))}
+        return {OUTPUT_NAME: served_probability(vectorizer, lstm_logit, branch, ngram, text, max_length)}
 
     archive = keras.export.ExportArchive()
     archive.track(serve_model)

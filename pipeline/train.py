@@ -51,6 +51,7 @@ from pipeline.export import (
     export_model,
     save_result,
     score_texts,
+    served_probabilities,
     sigmoid,
 )
 from pipeline.model import PretrainedSchedule, build_model, model_kwargs
@@ -336,9 +337,9 @@ def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well."""
     texts, labels = data_mod.decoded(raw_test)
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
+    metrics = metrics_of(served_probabilities(z_lstm, z_ngram, ngram), labels)
     if ngram is None:
-        return metrics_of(sigmoid(z_lstm), labels)
-    metrics = metrics_of(sigmoid(ngrams.blend_logit(z_lstm, z_ngram, ngram.blend)), labels)
+        return metrics
     for part, z in (("lstm", z_lstm), ("ngrams", z_ngram)):
         alone = metrics_of(sigmoid(z), labels)
         metrics[part] = {k: alone[k] for k in ("accuracy", "auc", "loss")}
