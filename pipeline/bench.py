@@ -29,7 +29,6 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
-from pipeline import ngrams
 from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.export import (
@@ -204,7 +203,7 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
         serve = tf.saved_model.load(exported.path).signatures[SIGNATURE]
         saved_fn = lambda xs: serve(**{INPUT_NAME: tf.constant(xs)})[OUTPUT_NAME].numpy()  # noqa: E731
         # The in-memory side gets the same advantage as the export: one traced graph, not eager calls.
-        lstm_logit, branch = logit_fn(model), ngrams.ngram_layer(ngram) if ngram else None
+        lstm_logit, branch = logit_fn(model), ngram.layer if ngram else None
         in_memory = tf.function(
             lambda t: served_probability(vectorizer, lstm_logit, branch, ngram, t, cfg.vectorize.max_length),
             input_signature=[tf.TensorSpec([None], tf.string)])

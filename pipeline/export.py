@@ -28,7 +28,7 @@ import tensorflow as tf
 from pipeline.config import Config, PipelineError
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 from pipeline.model import build_model, logit_fn, model_kwargs
-from pipeline.ngrams import NgramModel, blend_logit, ngram_layer
+from pipeline.ngrams import NgramModel, blend_logit
 from pipeline.vectorize import texts_to_padded_ids
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def score_texts(vectorizer: keras.layers.TextVectorization, model: keras.Model, 
     `graph=False` runs eagerly: slower, but traced by nothing that the export traces.
     """
     lstm_logit = functools.partial(logit_fn(model), training=False)
-    branch = ngram_layer(ngram) if ngram is not None else None
+    branch = ngram.layer if ngram is not None else None
     if graph:
         lstm_logit = tf.function(lstm_logit, input_signature=[tf.TensorSpec([None, None], tf.int64)])
         if branch is not None:
@@ -151,7 +151,7 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
     serve_model.set_weights(model.get_weights())
     max_length = cfg.vectorize.max_length
     lstm_logit = logit_fn(serve_model)
-    branch = ngram_layer(ngram) if ngram is not None else None
+    branch = ngram.layer if ngram is not None else None
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(text):

@@ -19,6 +19,7 @@ training reviews only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -48,6 +49,12 @@ class NgramModel:
     bias: float
     order: int
     blend: tuple[float, float, float] = (0.0, 1.0, 0.0)  # (LSTM logit, n-gram logit, intercept)
+
+    @functools.cached_property
+    def layer(self) -> NgramLogit:
+        """The branch as a built layer, shared by scoring and export: its lookup table holds
+        every n-gram, so building it once per model saves seconds on each use."""
+        return ngram_layer(self)
 
 
 def _grams(texts: tf.Tensor, order: int) -> tf.RaggedTensor:
