@@ -203,9 +203,9 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
         serve = tf.saved_model.load(exported.path).signatures[SIGNATURE]
         saved_fn = lambda xs: serve(**{INPUT_NAME: tf.constant(xs)})[OUTPUT_NAME].numpy()  # noqa: E731
         # The in-memory side gets the same advantage as the export: one traced graph, not eager calls.
-        lstm_logit, branch = logit_fn(model), ngram.layer if ngram else None
+        lstm_logit = logit_fn(model)
         in_memory = tf.function(
-            lambda t: served_probability(vectorizer, lstm_logit, branch, ngram, t, cfg.vectorize.max_length),
+            lambda t: served_probability(vectorizer, lstm_logit, ngram, t, cfg.vectorize.max_length),
             input_signature=[tf.TensorSpec([None], tf.string)])
         keras_fn = lambda xs: in_memory(tf.constant(xs)).numpy()  # noqa: E731
         timed = texts[:SERVING_TEXTS]

@@ -112,13 +112,13 @@ def served_probabilities(z_lstm: np.ndarray, z_ngram: np.ndarray | None, ngram: 
     return sigmoid(z_lstm if ngram is None else blend_logit(z_lstm, z_ngram, ngram.blend))
 
 
-def served_probability(vectorizer: keras.layers.TextVectorization, lstm_logit, branch,
+def served_probability(vectorizer: keras.layers.TextVectorization, lstm_logit,
                        ngram: NgramModel | None, text: tf.Tensor, max_length: int) -> tf.Tensor:
     """Raw strings -> probability in TensorFlow ops: the export's signature and the bench's
-    in-memory comparison trace this one function. `branch` is `ngram`'s layer, or None."""
+    in-memory comparison trace this one function."""
     logit = lstm_logit(texts_to_padded_ids(vectorizer, text, max_length))
-    if branch is not None:
-        logit = blend_logit(logit, branch(text), ngram.blend)
+    if ngram is not None:
+        logit = blend_logit(logit, ngram.layer(text), ngram.blend)
     return tf.sigmoid(tf.cast(logit, tf.float32))
 
 
@@ -151,16 +151,15 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
     serve_model.set_weights(model.get_weights())
     max_length = cfg.vectorize.max_length
     lstm_logit = logit_fn(serve_model)
-    branch = ngram.layer if ngram is not None else None
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(text):
-        return {OUTPUT_NAME: served_probability(vectorizer, lstm_logit, branch, ngram, text, max_length)}
+        return {OUTPUT_NAME: served_probability(vectorizer, lstm_logit, ngram, text, max_length)}
 
     archive = keras.export.ExportArchive()
     archive.track(serve_model)
-    if branch is not None:
-        archive.track(branch)
+    if ngram is not None:
+        archive.track(ngram.layer)
     if not vectorizer.built:  # one rebuilt from a vocabulary file has not been called yet
         vectorizer(tf.constant([""]))
     archive.track(vectorizer)
