@@ -19,22 +19,29 @@ import threading
 import warnings
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineError, load_config
+from pipeline.config import ConfigError, PipelineError, load_config, record_stop, stop_signal
 
 log = logging.getLogger("pipeline")
 
 INTERRUPT_HINT = ("interrupted: rerun the same command to resume: training from the last completed "
                   "epoch, or at evaluation and export if training had finished (add --fresh to start "
                   "over)")
+TUNE_INTERRUPT_HINT = ("interrupted: rerun the same command to resume; finished trials are kept and the "
+                       "interrupted one is rerun (--fresh starts over)")
 STDOUT_CLOSED = 141  # 128 + SIGPIPE: what `yes | head -1` leaves for `yes`
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill and docker stop
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so it unwinds (temp folders, child processes) as Ctrl-C does."""
+def _on_stop_signal(signum, frame) -> None:
+    # Raised where the program is, so SIGTERM unwinds (temp folders, child processes) as Ctrl-C
+    # does; recorded, because TensorFlow may re-raise the interrupt as another error.
+    record_stop(signum)
+    raise KeyboardInterrupt()
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+def _interrupted(command: str) -> int:
+    print(f"\n{TUNE_INTERRUPT_HINT if command == 'tune' else INTERRUPT_HINT}", file=sys.stderr)
+    return 128 + (stop_signal() or signal.SIGINT)  # the shell's code for death by that signal
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -279,12 +286,7 @@ def _tune(args: argparse.Namespace) -> int:
         tune.set_role("chief", *args.chief)
     elif args.worker:
         tune.set_role("worker", *args.worker, tuner_id=args.tuner_id)
-    try:
-        result = tune.run_search(cfg, fresh=args.fresh)
-    except KeyboardInterrupt as exc:  # the tuning resume hint differs from training's
-        print("\ninterrupted: rerun the same command to resume; finished trials are kept and the "
-              "interrupted one is rerun (--fresh starts over)", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+    result = tune.run_search(cfg, fresh=args.fresh)
     print(tune_report.summary(result))
     return 0
 
@@ -402,23 +404,30 @@ def main(argv: list[str] | None = None) -> int:
     args.verbose = getattr(args, "verbose", False)  # the subcommand's flag, or the global one
     setup_logging(args.verbose)
     warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
-    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's rule
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # kill, docker stop
+    record_stop(None)
+    # signal.signal works in the main thread only. A SIGINT ignored from the start (a background
+    # job's child) stays ignored, as Python's own handler would leave it.
+    handled = [sig for sig in STOP_SIGNALS if threading.current_thread() is threading.main_thread()
+               and signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)]
+    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in handled}
     try:
         code = COMMANDS[args.command](args)
         return code if _flush_stdout() else STDOUT_CLOSED
-    except ConfigError as exc:
-        print(f"config error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except PipelineError as exc:  # data, export, predict and tuning errors alike
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM via _on_sigterm
-        print(f"\n{INTERRUPT_HINT}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, or a KeyboardInterrupt raised in code
+        return _interrupted(args.command)
+    except Exception as exc:
+        if stop_signal() is not None:  # the interruption, re-raised by TensorFlow as another error
+            return _interrupted(args.command)
+        if isinstance(exc, ConfigError):
+            print(f"config error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, PipelineError):  # data, export, predict and tuning errors alike
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 1
+        raise
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,25 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+_stop_signal: int | None = None
+
+
+def record_stop(signum: int | None) -> None:
+    """Note the signal (SIGINT, SIGTERM) that asked this process to stop; None forgets it."""
+    global _stop_signal
+    _stop_signal = signum
+
+
+def stop_signal() -> int | None:
+    """The signal that asked this process to stop, if one has.
+
+    The KeyboardInterrupt raised for it can come out as another error: when it lands while
+    TensorFlow builds a Python exception in C++ (the OutOfRangeError that ends every epoch),
+    pybind11 raises a RuntimeError instead. An error after a stop was asked is the stop.
+    """
+    return _stop_signal
+
+
 class _Section(BaseModel):
     # strict: YAML already gives typed values, so "3" for an int is a mistake, not a wish.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

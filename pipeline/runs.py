@@ -31,7 +31,7 @@ from typing import IO
 import keras
 import numpy as np
 
-from pipeline.config import Config, PipelineError
+from pipeline.config import Config, PipelineError, stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,8 @@ class Run:
 
     `update` is the only writer of the record. Use as a context manager: leaving it releases
     the lock (the process ending does too), and leaving it on a PipelineError while the run
-    is still training marks it `failed`, so that no rerun resumes it.
+    is still training marks it `failed`, so that no rerun resumes it (unless a stop signal came
+    first: then the error is the interruption, and the rerun resumes).
     """
 
     dir: Path
@@ -202,7 +203,7 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if isinstance(exc, PipelineError) and self.status == "running":
+            if isinstance(exc, PipelineError) and self.status == "running" and stop_signal() is None:
                 self.update(status="failed", error=str(exc))
         finally:
             self.close()

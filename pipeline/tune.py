@@ -38,7 +38,15 @@ import tensorflow as tf
 
 from pipeline import compat
 from pipeline import data as data_mod
-from pipeline.config import Config, ConfigError, PipelineError, TuneConfig, from_dict, save_config
+from pipeline.config import (
+    Config,
+    ConfigError,
+    PipelineError,
+    TuneConfig,
+    from_dict,
+    save_config,
+    stop_signal,
+)
 from pipeline.distribute import make_strategy
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.model import build_model, model_kwargs
@@ -224,6 +232,16 @@ class _SessionMixin:
     def on_trial_begin(self, trial):
         self._asked = False
         super().on_trial_begin(trial)
+
+    def run_trial(self, trial, *args, **kwargs):
+        try:
+            return super().run_trial(trial, *args, **kwargs)
+        except Exception as exc:
+            # Ctrl-C that TensorFlow re-raised as another error: KerasTuner would mark the trial
+            # failed and start the next one, so the user's Ctrl-C would be lost.
+            if stop_signal() is not None:
+                raise KeyboardInterrupt from exc
+            raise
 
     def on_trial_end(self, trial):
         values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,6 +28,29 @@ from pipeline.config import Config, load_config  # noqa: E402
 POSITIVE = "great wonderful excellent superb moving brilliant loved beautiful".split()
 NEGATIVE = "awful terrible boring dull waste poor hated ugly".split()
 NEUTRAL = "the movie film plot actor scene story was and it this a".split()
+
+
+def ctrl_c_inside_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send Ctrl-C while TensorFlow builds an OutOfRangeError, as at an epoch's end in CI.
+
+    The interrupt is raised inside the exception's constructor, called from C++, and pybind11
+    turns it into a RuntimeError: that is what reaches the caller, unless a handler raises
+    something else first.
+    """
+    from tensorflow.python.framework import errors_impl
+
+    build = errors_impl.OutOfRangeError.__init__
+
+    def interrupted(self, *args, **kwargs):
+        monkeypatch.setattr(errors_impl.OutOfRangeError, "__init__", build)  # once
+        os.kill(os.getpid(), signal.SIGINT)
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(errors_impl.OutOfRangeError, "__init__", interrupted)
+    batches = iter(tf.data.Dataset.range(2))
+    step = tf.function(lambda it: next(it))
+    while True:  # until the iterator's end raises
+        step(batches)
 
 
 def make_review(rng: random.Random, label: int) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import INTERRUPT_HINT, main, setup_logging
-from tests.conftest import tiny_overrides
+from pipeline.cli import COMMANDS, INTERRUPT_HINT, main, setup_logging
+from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
 
 
 @pytest.mark.slow
@@ -143,6 +143,18 @@ def test_sigterm_is_handled_like_ctrl_c(sig, code):
         proc.kill()
     assert proc.returncode == code
     assert err.strip().splitlines() == [INTERRUPT_HINT]
+
+
+def test_ctrl_c_that_tensorflow_reraises_as_another_error_is_still_an_interruption(monkeypatch,
+                                                                                    capsys):
+    with pytest.raises(RuntimeError, match="REPLACED BY KeyboardInterrupt"):  # what main meets
+        ctrl_c_inside_tensorflow(monkeypatch)
+
+    monkeypatch.setitem(COMMANDS, "predict", lambda args: ctrl_c_inside_tensorflow(monkeypatch))
+    assert main(["predict", "--model", "nowhere"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [INTERRUPT_HINT]
+    # The next call in this process starts with no stop recorded: its errors are errors again.
+    assert main(["check-config", "--set", "no.such_key=1"]) == 2
 
 
 def test_tensorflow_start_up_lines_are_hidden():

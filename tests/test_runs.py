@@ -153,6 +153,14 @@ def test_pipeline_error_marks_a_training_run_failed_but_not_a_trained_one(tiny_c
     assert json.loads((run.dir / "run.json").read_text())["status"] == "trained"
 
 
+def test_an_error_after_a_stop_signal_leaves_the_run_resumable(tiny_cfg, monkeypatch):
+    # tfds turns whatever reading raised, a re-raised Ctrl-C included, into a DataError.
+    monkeypatch.setattr(runs, "stop_signal", lambda: signal.SIGINT)
+    with pytest.raises(DataError), open_run(tiny_cfg, _fp(tiny_cfg), fresh=False) as run:
+        raise DataError("cannot load 'imdb_reviews': RuntimeError")
+    assert json.loads((run.dir / "run.json").read_text())["status"] == "running"
+
+
 def test_a_held_run_is_refused_with_one_line_naming_dir_and_pid(tiny_cfg):
     fp = _fp(tiny_cfg)
     with open_run(tiny_cfg, fp, fresh=False) as run:

@@ -20,7 +20,7 @@ from pipeline import tune, tune_report
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.model import build_model, model_kwargs
-from tests.conftest import tiny_overrides
+from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = [4, 8]
@@ -166,8 +166,9 @@ def test_changed_settings_need_fresh(searched, imdb_dir):
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys):
-    """A copy of the finished search, one more candidate listed, Ctrl-C during its trial: the
-    rerun trains that candidate only; the finished trials are kept as they were."""
+    """A copy of the finished search, one more candidate listed, Ctrl-C during its trial (landing
+    where TensorFlow re-raises it as a RuntimeError, which KerasTuner would take for a failed
+    trial): the rerun trains that candidate only; the finished trials are kept as they were."""
     cfg, _, _ = searched
     out = tmp_path / "tuning" / "tiny"
     shutil.copytree(tune.output_dir(cfg), out)
@@ -176,7 +177,7 @@ def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, mo
 
     def interrupted(self, hp, model, *args, **kwargs):
         if hp.values["embedding_dim"] == 16:
-            raise KeyboardInterrupt
+            ctrl_c_inside_tensorflow(monkeypatch)
         return fit(self, hp, model, *args, **kwargs)
 
     extended = _set_args(_tune_overrides(imdb_dir, tmp_path, DIMS + [16]))
