@@ -405,10 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
     record_stop(None)
-    # signal.signal works in the main thread only. A SIGINT ignored from the start (a background
-    # job's child) stays ignored, as Python's own handler would leave it.
-    handled = [sig for sig in STOP_SIGNALS if threading.current_thread() is threading.main_thread()
-               and signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)]
+    in_main = threading.current_thread() is threading.main_thread()  # signal.signal's rule
+    # A SIGINT ignored from the start (a background job's child) stays ignored, as Python leaves it.
+    handled = [sig for sig in STOP_SIGNALS
+               if in_main and signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)]
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in handled}
     try:
         code = COMMANDS[args.command](args)
