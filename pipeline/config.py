@@ -2,6 +2,9 @@
 
 Unknown keys, wrong types and out-of-range values are refused at load with a
 `ConfigError` whose message names the key; the CLI turns it into exit code 2.
+
+It also holds what every stage shares without importing TensorFlow: `PipelineError`, and
+the record of a stop signal (`stop_signal`) that the CLI's handler writes.
 """
 
 from __future__ import annotations
