@@ -203,6 +203,16 @@ class NgramsConfig(_Section):
     max_iter: int = Field(1000, gt=0)  # L-BFGS iterations for the regression
 
 
+class DistillConfig(_Section):
+    # The unlabelled reviews, scored by a teacher, join the BiLSTM's training split as soft
+    # targets (pipeline/distill.py); validation and test never reach the teacher or the student.
+    enabled: bool = False
+    teacher: Literal["ngrams"] = "ngrams"  # the n-gram regression (ngrams.*) fitted on train: seconds
+    weight: float = Field(1.0, gt=0.0)  # loss weight of an unlabelled review against a labelled one
+    temperature: float = Field(1.0, gt=0.0)  # teacher logit / T: > 1 softens its targets
+    max_unlabelled: int | None = Field(None, gt=0)  # unlabelled reviews used; None = all
+
+
 class Config(_Section):
     name: str = "imdb_lstm"  # a plain folder name: saved_models/<name>/, runs/<name>/
     seed: int = 42  # seeds Python, NumPy, TensorFlow and the shuffles
@@ -216,6 +226,7 @@ class Config(_Section):
     tune: TuneConfig = TuneConfig()
     pretrain: PretrainConfig = PretrainConfig()
     ngrams: NgramsConfig = NgramsConfig()
+    distill: DistillConfig = DistillConfig()
 
     @field_validator("name")
     @classmethod

@@ -84,11 +84,13 @@ def build_model(
         optimizer=LayerwiseAdam(learning_rate=learning_rate, pretrained=pretrained,
                                 pretrained_scale=pretrained_lr_scale),
         loss="binary_crossentropy",
+        # Against rounded targets: a distilled training split's soft targets count as the
+        # teacher's label (a 0/1 target is unchanged), so the training curves stay readable.
         metrics=[
-            keras.metrics.BinaryAccuracy(name="accuracy"),
-            keras.metrics.Precision(name="precision"),
-            keras.metrics.Recall(name="recall"),
-            keras.metrics.AUC(name="auc"),
+            HardTargets(keras.metrics.BinaryAccuracy(name="accuracy")),
+            HardTargets(keras.metrics.Precision(name="precision")),
+            HardTargets(keras.metrics.Recall(name="recall")),
+            HardTargets(keras.metrics.AUC(name="auc")),
         ],
         jit_compile=False,  # variable-length batches would recompile; XLA skips cuDNN anyway
     )
@@ -128,6 +130,24 @@ class LayerwiseAdam(keras.optimizers.Adam):
     def get_config(self):
         return super().get_config() | {"pretrained": list(self.pretrained),
                                        "pretrained_scale": float(self.pretrained_scale.numpy())}
+
+
+class HardTargets(keras.metrics.Metric):
+    """A metric of the target rounded to 0 or 1; the wrapped metric keeps its name and result."""
+
+    def __init__(self, metric: keras.metrics.Metric, **kwargs):
+        super().__init__(name=metric.name, **kwargs)
+        self.metric = metric
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return self.metric.update_state(keras.ops.round(keras.ops.cast(y_true, "float32")), y_pred,
+                                        sample_weight)
+
+    def result(self):
+        return self.metric.result()
+
+    def reset_state(self):
+        self.metric.reset_state()
 
 
 class PretrainedSchedule(keras.callbacks.Callback):

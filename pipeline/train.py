@@ -1,4 +1,5 @@
-"""The training spine: data -> vectorize -> model -> fit -> n-gram branch -> evaluate -> export.
+"""The training spine: data -> vectorize (+ distillation's soft targets) -> model -> fit ->
+n-gram branch -> evaluate -> export.
 
 `train(cfg)` reads top to bottom in that order. The bookkeeping (the run directory and
 its lock, the run record, the resume state) lives in `pipeline.runs`; each run has its
@@ -29,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
-from pipeline import ngrams
+from pipeline import distill, ngrams
 from pipeline.compat import fix_keras_multi_worker
-from pipeline.config import Config, load_config, save_config
+from pipeline.config import Config, TrainConfig, load_config, save_config
 from pipeline.constants import THRESHOLD
 from pipeline.distribute import (
     WorkerBackupAndRestore,
@@ -143,7 +144,11 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
             check_same_vocabulary(strategy, vocabulary)
         replicas = strategy.num_replicas_in_sync
         global_batch = cfg.train.batch_size * replicas
-        train_ds = vectorize_split(raw.train, vectorizer, cfg.vectorize, cfg.train, global_batch,
+        # Distillation: the teacher's soft targets for the unlabelled reviews join the training
+        # split (a trained run needs no training split, so no teacher either).
+        teacher = run_teacher(cfg, raw, run) if cfg.distill.enabled and run.status != "trained" else None
+        train_raw, train_cfg = student_split(cfg, raw, sizes["train"], teacher)
+        train_ds = vectorize_split(train_raw, vectorizer, cfg.vectorize, train_cfg, global_batch,
                                    shuffle_seed=cfg.seed, replicas=replicas)
         val_ds = vectorize_split(raw.validation, vectorizer, cfg.vectorize, cfg.train, global_batch,
                                  replicas=replicas)
@@ -182,7 +187,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # The n-gram branch, evaluation and export: a rerun after an interruption from here on
         # starts here again (a fitted branch is reloaded). Test is scored by the chief alone,
         # on the reviews as they are served, so every review counts.
-        ngram = ngram_branch(cfg, raw, vectorizer, model, run) if cfg.ngrams.enabled else None
+        ngram = ngram_branch(cfg, raw, vectorizer, model, run, teacher) if cfg.ngrams.enabled else None
         log.info("evaluating on %d test reviews", sizes["test"])
         metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram)
         write_json(run.dir / METRICS_FILE, metrics)
@@ -208,6 +213,29 @@ def run_vectorizer(cfg: Config, raw_train: tf.data.Dataset, n_train: int, run: R
     vectorizer = adapt_vectorizer(cfg.vectorize, raw_train)
     save_vocabulary(vectorizer, vocab_path)
     return vectorizer
+
+
+def run_teacher(cfg: Config, raw: data_mod.RawSplits, run: Run) -> distill.Teacher:
+    """The distillation teacher, fitted on the training reviews only (or read from its cache)."""
+    t = distill.teacher(cfg, data_mod.decoded(raw.train))
+    run.update(distill={"teacher": cfg.distill.teacher, "unlabelled_reviews": len(t.texts),
+                        "confident_share": round(distill.confident_share(t.probabilities), 4),
+                        "mean_probability": round(float(np.mean(t.probabilities)), 4),
+                        "cache": str(distill.cache_stem(cfg)), "cached": t.cached})
+    return t
+
+
+def student_split(cfg: Config, raw: data_mod.RawSplits, n_train: int,
+                  teacher: distill.Teacher | None) -> tuple[tf.data.Dataset, TrainConfig]:
+    """The split the BiLSTM trains on, and the train settings for it: the training reviews, or
+    with a teacher those plus the unlabelled ones, shuffled as one (so every batch mixes both)."""
+    if teacher is None:
+        return raw.train, cfg.train
+    log.info("distill: training on %d labelled + %d teacher-labelled reviews (weight %g)",
+             n_train, len(teacher.texts), cfg.distill.weight)
+    rows = n_train + len(teacher.texts)
+    return (distill.student_split(raw.train, teacher, cfg.distill.weight),
+            cfg.train.model_copy(update={"shuffle_buffer": max(cfg.train.shuffle_buffer, rows)}))
 
 
 def check_same_vocabulary(strategy: tf.distribute.Strategy, vocabulary: list[str]) -> None:
@@ -302,26 +330,32 @@ def keep_best_weights(model: keras.Model, run: Run) -> None:
 
 
 def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.TextVectorization,
-                 model: keras.Model, run: Run) -> ngrams.NgramModel:
+                 model: keras.Model, run: Run, teacher: distill.Teacher | None = None
+                 ) -> ngrams.NgramModel:
     """The run's n-gram branch: fitted once (`fit_ngram_branch`), saved in the run, reloaded
-    on a rerun."""
+    on a rerun. A distilling run's teacher is the same regression on the same reviews: reused."""
     path = run.dir / NGRAMS_FILE
     if path.is_file():
         return ngrams.load(path)
+    if teacher is None and cfg.distill.enabled:  # a run resumed after training: from the cache
+        teacher = run_teacher(cfg, raw, run)
     branch = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw.train),
-                              data_mod.decoded(raw.validation))
+                              data_mod.decoded(raw.validation),
+                              teacher.branch if teacher is not None else None)
     ngrams.save(branch, path)
     return branch
 
 
 def fit_ngram_branch(cfg: Config, vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     train: tuple[list[str], np.ndarray], validation: tuple[list[str], np.ndarray]
-                     ) -> ngrams.NgramModel:
-    """The n-gram regression on the training reviews, and its blend with the trained LSTM
-    on the validation reviews (which neither model was fitted on)."""
+                     train: tuple[list[str], np.ndarray], validation: tuple[list[str], np.ndarray],
+                     branch: ngrams.NgramModel | None = None) -> ngrams.NgramModel:
+    """The n-gram regression on the training reviews (unless `branch` is that regression
+    already), and its blend with the trained LSTM on the validation reviews (which neither
+    model was fitted on)."""
     t0 = time.time()
-    log.info("n-gram branch: fitting on %d training reviews", len(train[0]))
-    branch = ngrams.fit(*train, cfg.ngrams)
+    if branch is None:
+        log.info("n-gram branch: fitting on %d training reviews", len(train[0]))
+        branch = ngrams.fit(*train, cfg.ngrams)
     texts, labels = validation
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, branch)
     branch = dataclasses.replace(branch, blend=ngrams.fit_blend(z_lstm, z_ngram, labels))

@@ -102,13 +102,14 @@ def vectorize_split(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
 
 def vectorize_cached(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
                      vcfg: VectorizeConfig) -> tf.data.Dataset:
-    """(text, label) -> (ids, label) rows, cached: tokenization happens on the first pass only."""
+    """(text, label[, weight]) -> (ids, label[, weight]) rows, cached: tokenization happens on
+    the first pass only. A sample weight (distillation's soft rows) travels with its row."""
     return (
         raw.batch(vcfg.adapt_batch_size)
-        .map(lambda t, y: (prepare_ids(vectorizer(t), vcfg.max_length), y),
+        .map(lambda t, *rest: (prepare_ids(vectorizer(t), vcfg.max_length), *rest),
              num_parallel_calls=tf.data.AUTOTUNE)
         .unbatch()
-        .map(lambda ids, y: (ids, y))  # unbatched rows are ragged-rank-0 specs; make them Tensors
+        .map(lambda ids, *rest: (ids, *rest))  # unbatched rows are ragged-rank-0 specs; make them Tensors
         .cache()
     )
 
@@ -125,7 +126,7 @@ def batch_ids(ds: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig, bat
     if tcfg.bucket_by_length:
         edges = bucket_boundaries(vcfg.max_length)
         ds = ds.bucket_by_sequence_length(
-            element_length_func=lambda ids, _: tf.shape(ids)[0],
+            element_length_func=lambda ids, *_: tf.shape(ids)[0],
             bucket_boundaries=edges,
             bucket_batch_sizes=[batch_size] * (len(edges) + 1),
         )
@@ -143,8 +144,8 @@ def even_batches(ds: tf.data.Dataset, replicas: int) -> tf.data.Dataset:
     splits unevenly across replicas. At most replicas-1 examples per bucket are
     skipped an epoch, and a different few each epoch since training data is reshuffled.
     """
-    def trim(ids, y):
-        n = tf.shape(y)[0] // replicas * replicas
-        return ids[:n], y[:n]
+    def trim(ids, *rest):
+        n = tf.shape(ids)[0] // replicas * replicas
+        return (ids[:n], *(t[:n] for t in rest))
 
-    return ds.map(trim).filter(lambda _, y: tf.shape(y)[0] > 0)
+    return ds.map(trim).filter(lambda ids, *_: tf.shape(ids)[0] > 0)

@@ -1,0 +1,136 @@
+"""Distillation: the unlabelled reviews, scored by a teacher, teach the BiLSTM.
+
+The teacher is the n-gram regression (`pipeline.ngrams`), fitted on the training reviews
+only. It scores the unlabelled reviews (tfds `unsupervised`, or aclImdb `train/unsup`),
+and the BiLSTM (the student) trains on the gold labels plus those soft probabilities:
+binary cross-entropy on soft targets, each unlabelled review weighed `distill.weight`
+against a labelled one. The student so sees three times the reviews, labelled by a model
+that reads them differently (every phrase at once rather than in order).
+
+Validation and test text never reach the teacher's fit or the student's training: the
+teacher is fitted on `train` alone, and only `train` and the unlabelled reviews make the
+student's split.
+
+The teacher and its scores are cached under `pretrain.directory`, keyed by everything that
+shapes them (the data, the n-gram settings, the seed), so a rerun, a resumed run or another
+config over the same data reuses them; a cache whose reviews no longer match is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import data as data_mod
+from pipeline import ngrams
+from pipeline.config import Config
+from pipeline.runs import fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The fitted teacher and its probabilities for the unlabelled reviews, in their order."""
+
+    branch: ngrams.NgramModel
+    texts: list[str]
+    probabilities: np.ndarray  # float32 [len(texts)], P(positive) after the temperature
+    cached: bool  # True: read from the cache, nothing was fitted or scored
+
+
+def cache_stem(cfg: Config) -> Path:
+    """Where this config's teacher lives: the same data, n-gram settings and seed, the same files."""
+    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "download", "data_dir"}),
+           "ngrams": cfg.ngrams.model_dump(exclude={"enabled"}), "seed": cfg.seed,
+           "max_unlabelled": cfg.distill.max_unlabelled, "teacher": cfg.distill.teacher}
+    return Path(cfg.pretrain.directory) / f"teacher-{cfg.distill.teacher}-{fingerprint(key)}"
+
+
+def texts_digest(texts: list[str]) -> str:
+    """A digest of the reviews a cache scored, so a changed unlabelled split is noticed."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "replace"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def unlabelled_reviews(cfg: Config) -> list[str]:
+    """The unlabelled reviews, decoded, in a fixed order, capped at `distill.max_unlabelled`."""
+    ds = data_mod.unsupervised_texts(cfg.data)
+    if cfg.distill.max_unlabelled:
+        ds = ds.take(cfg.distill.max_unlabelled)
+    texts = [t.decode("utf-8", "replace") for t in ds.as_numpy_iterator()]
+    if not texts:
+        raise data_mod.DataError("distill.enabled needs unlabelled reviews, and the data source "
+                                 "has none (tfds: an `unsupervised` split; a folder: train/unsup/*.txt)")
+    return texts
+
+
+def teacher_logits(branch: ngrams.NgramModel, texts: list[str]) -> np.ndarray:
+    """The n-gram regression's logit for each review, in batches."""
+    score = tf.function(branch.layer, input_signature=[tf.TensorSpec([None], tf.string)])
+    parts = [score(tf.constant(texts[i:i + ngrams.BATCH])).numpy()
+             for i in range(0, len(texts), ngrams.BATCH)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """P(positive) = sigmoid(logit / T): T > 1 softens the teacher, T < 1 sharpens it."""
+    return (1.0 / (1.0 + np.exp(-logits / temperature))).astype(np.float32)
+
+
+def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
+    """The cached teacher of this config, or one fitted on `train` and scored on the unlabelled
+    reviews (then cached). `train` must be the training split alone."""
+    texts = unlabelled_reviews(cfg)
+    digest = texts_digest(texts)
+    stem = cache_stem(cfg)
+    branch_path, scores_path = stem.with_suffix(".npz"), stem.with_suffix(".scores.npz")
+    if branch_path.is_file() and scores_path.is_file():
+        with np.load(scores_path) as z:
+            if str(z["digest"]) == digest:
+                log.info("distill: teacher and its scores of %d unlabelled reviews cached at %s",
+                         len(texts), scores_path)
+                return Teacher(ngrams.load(branch_path), texts,
+                               soft_targets(z["logits"], cfg.distill.temperature), cached=True)
+        log.info("distill: the unlabelled reviews changed since %s was written; scoring again",
+                 scores_path)
+    t0 = time.time()
+    log.info("distill: fitting the n-gram teacher on %d training reviews", len(train[0]))
+    branch = ngrams.fit(*train, cfg.ngrams)
+    log.info("distill: scoring %d unlabelled reviews", len(texts))
+    logits = teacher_logits(branch, texts)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    ngrams.save(branch, branch_path)
+    tmp = scores_path.with_name(f".{scores_path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        np.savez(f, logits=logits, digest=np.array(digest))
+    os.replace(tmp, scores_path)
+    probabilities = soft_targets(logits, cfg.distill.temperature)
+    log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
+             time.time() - t0, 100 * confident_share(probabilities), scores_path)
+    return Teacher(branch, texts, probabilities, cached=False)
+
+
+def confident_share(probabilities: np.ndarray) -> float:
+    """The share of reviews the teacher is sure of (above 0.9 or below 0.1)."""
+    return float(np.mean((probabilities > 0.9) | (probabilities < 0.1)))
+
+
+def student_split(raw_train: tf.data.Dataset, t: Teacher, weight: float) -> tf.data.Dataset:
+    """(text, target, sample weight) rows: the gold training reviews (target 0/1, weight 1), then
+    the unlabelled ones (target: the teacher's probability, weight `weight`)."""
+    gold = raw_train.map(lambda text, y: (text, tf.cast(y, tf.float32), tf.constant(1.0)))
+    soft = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(t.texts, tf.string), tf.constant(t.probabilities, tf.float32),
+         tf.fill([len(t.texts)], tf.constant(weight, tf.float32))))
+    return gold.concatenate(soft)
