@@ -1,0 +1,164 @@
+"""pipeline/distill.py: the teacher sees training reviews only, its probabilities are the student's
+soft targets, its scores are cached, and a distilling run resumes as an uninterrupted one ends."""
+
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import pipeline.ngrams
+from pipeline import distill
+from pipeline.config import load_config
+from pipeline.data import decoded, load_raw
+from pipeline.train import train
+from tests.conftest import make_review, tiny_overrides, write_aclimdb
+
+N_UNSUP = 60
+
+
+@pytest.fixture(scope="module")
+def unsup_dir(tmp_path_factory) -> Path:
+    """The tiny aclImdb folder with unlabelled reviews in train/unsup, as aclImdb ships them."""
+    root = write_aclimdb(tmp_path_factory.mktemp("aclImdb_unsup"), seed=1)
+    rng = random.Random(7)
+    (root / "train" / "unsup").mkdir()
+    for i in range(N_UNSUP):
+        (root / "train" / "unsup" / f"{i}_0.txt").write_text(f"unlabelled {i}. " + make_review(rng, i % 2))
+    return root
+
+
+def _cfg(root: Path, out: Path, *extra: str):
+    return load_config(None, tiny_overrides(root, out) + [
+        "distill.enabled=true", f"pretrain.directory={out / 'pretrained'}", *extra])
+
+
+class Spy:
+    """Records every call's first two arguments, then calls through."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args[:2])
+        return self.fn(*args, **kwargs)
+
+
+def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_path, monkeypatch):
+    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=1", "ngrams.enabled=true")
+    fit = Spy(pipeline.ngrams.fit)
+    monkeypatch.setattr(pipeline.ngrams, "fit", fit)
+    student = Spy(distill.student_split)
+    monkeypatch.setattr(distill, "student_split", student)
+    result = train(cfg, export=False)
+
+    raw = load_raw(cfg.data, cfg.seed)
+    train_texts = decoded(raw.train)[0]
+    held_out = set(decoded(raw.validation)[0]) | set(decoded(raw.test)[0])
+    assert len(fit.calls) == 1  # the teacher is the served branch too: fitted once
+    fitted_texts = fit.calls[0][0]
+    assert fitted_texts == train_texts and not held_out & set(fitted_texts)
+    assert len(student.calls) == 1
+    student_rows = [t.decode() for t, _, _ in student.fn(
+        *student.calls[0], cfg.distill.weight).as_numpy_iterator()]
+    assert len(student_rows) == len(train_texts) + N_UNSUP
+    assert not held_out & set(student_rows)
+    assert sum(t.startswith("unlabelled ") for t in student_rows) == N_UNSUP
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["distill"]["unlabelled_reviews"] == N_UNSUP and info["distill"]["cached"] is False
+
+
+def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
+    cfg = _cfg(unsup_dir, tmp_path, "distill.temperature=2.0", "distill.weight=0.5")
+    raw = load_raw(cfg.data, cfg.seed)
+    t = distill.teacher(cfg, decoded(raw.train))
+    logits = distill.teacher_logits(t.branch, t.texts)
+    assert np.ptp(logits) > 1.0  # the teacher tells reviews apart
+    rows = list(distill.student_split(raw.train, t, cfg.distill.weight).as_numpy_iterator())
+    gold, soft = rows[:-N_UNSUP], rows[-N_UNSUP:]
+    assert [text.decode() for text, _, _ in soft] == t.texts
+    targets = np.array([y for _, y, _ in soft])
+    np.testing.assert_allclose(targets, 1 / (1 + np.exp(-logits / 2.0)), rtol=1e-5)
+    assert {w for _, _, w in soft} == {0.5}
+    # the labelled rows keep their gold 0/1 label at full weight
+    assert [y for _, y, _ in gold] == [float(y) for y in decoded(raw.train)[1]]
+    assert {w for _, _, w in gold} == {1.0}
+
+
+def test_a_rerun_reuses_the_cached_teacher_and_a_changed_review_is_scored_again(
+        unsup_dir, tmp_path, monkeypatch):
+    root = shutil.copytree(unsup_dir, tmp_path / "aclImdb")
+    cfg = _cfg(root, tmp_path)
+    train_split = decoded(load_raw(cfg.data, cfg.seed).train)
+    first = distill.teacher(cfg, train_split)
+    assert not first.cached
+
+    def no_refit(*args):
+        raise AssertionError("the cached teacher should have been reused")
+
+    monkeypatch.setattr(pipeline.ngrams, "fit", no_refit)
+    again = distill.teacher(cfg, train_split)
+    assert again.cached and again.texts == first.texts
+    np.testing.assert_array_equal(again.probabilities, first.probabilities)
+    # another temperature reuses the cached logits: the scores are the teacher's, not the targets
+    softer = distill.teacher(_cfg(root, tmp_path, "distill.temperature=3.0"), train_split)
+    assert softer.cached and np.all(np.abs(softer.probabilities - 0.5) <= np.abs(first.probabilities - 0.5))
+
+    (root / "train" / "unsup" / "0_0.txt").write_text("A brand new unlabelled review, great!")
+    monkeypatch.undo()
+    changed = distill.teacher(cfg, train_split)
+    assert not changed.cached and changed.texts[0] != first.texts[0]
+
+
+def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
+    from pipeline.data import DataError
+
+    cfg = _cfg(imdb_dir, tmp_path)  # no train/unsup folder
+    with pytest.raises(DataError, match="needs unlabelled reviews"):
+        distill.teacher(cfg, decoded(load_raw(cfg.data, cfg.seed).train))
+
+
+def test_training_metrics_count_a_soft_target_as_the_teachers_label():
+    from pipeline.model import HardTargets
+
+    accuracy = HardTargets(keras.metrics.BinaryAccuracy(name="accuracy"))
+    accuracy.update_state(np.array([[0.8], [0.3], [1.0], [0.0]]), np.array([[0.9], [0.2], [0.4], [0.6]]))
+    assert accuracy.name == "accuracy" and float(accuracy.result()) == pytest.approx(0.5)
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Ctrl-C at the end of an epoch, once the run's backup of it is written."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_path, monkeypatch):
+    extra = ("train.epochs=4", "train.early_stopping_patience=4", "model.dropout=0.3")
+    reference = train(_cfg(unsup_dir, tmp_path / "reference", *extra), export=False)
+
+    import pipeline.train as spine
+
+    callbacks = spine.make_callbacks
+    monkeypatch.setattr(spine, "make_callbacks", lambda cfg, run_dir: callbacks(cfg, run_dir)
+                        + [StopAfterEpoch(1)])
+    cfg = _cfg(unsup_dir, tmp_path / "resumed", *extra)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, export=False)
+    monkeypatch.undo()
+    resumed = train(cfg, export=False)
+    info = json.loads((resumed.run_dir / "run.json").read_text())
+    assert info["started_at_epoch"] == 3 and info["distill"]["cached"] is True
+    assert resumed.metrics == reference.metrics
+    with (resumed.run_dir / "history.csv").open() as f, (reference.run_dir / "history.csv").open() as g:
+        assert list(csv.DictReader(f)) == list(csv.DictReader(g))
