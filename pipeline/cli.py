@@ -204,6 +204,9 @@ def _train(args: argparse.Namespace) -> int:
           f"({m['examples']} reviews)")
     (tn, fp), (fn, tp) = m["confusion_matrix"]["rows_true_cols_pred"]
     print(f"confusion (true x pred): neg [{tn} {fp}]  pos [{fn} {tp}]")
+    if "lstm" in m:  # the served model is a blend: each part alone, the BiLSTM first
+        print("alone: " + "  ".join(f"{label} accuracy {m[part]['accuracy']:.4f} auc {m[part]['auc']:.4f}"
+                                    for part, label in (("lstm", "BiLSTM"), ("ngrams", "n-grams"))))
     if result.export:
         print(f"exported: {result.export.path} (version {result.export.version}; reloaded "
               f"predictions within {result.export.max_abs_diff:.2g})")

@@ -13,11 +13,14 @@ from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
 @pytest.mark.slow
 def test_cli_train_end_to_end(imdb_dir, tmp_path, capsys):
     args = ["train"]
-    for item in tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=2"]:
+    for item in tiny_overrides(imdb_dir, tmp_path) + ["train.epochs=2", "ngrams.enabled=true"]:
         args += ["--set", item]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "exported:" in out
+    metrics = json.loads(next((tmp_path / "runs" / "tiny").glob("*/metrics.json")).read_text())
+    # the served model is a blend, so the summary gives each part alone, the BiLSTM first
+    assert f"alone: BiLSTM accuracy {metrics['lstm']['accuracy']:.4f}" in out
     version = tmp_path / "saved_models" / "tiny" / "1"
     assert (version / "saved_model.pb").is_file()
     # `export` re-exports the latest finished run as version 2.
