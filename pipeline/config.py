@@ -207,7 +207,9 @@ class DistillConfig(_Section):
     # The unlabelled reviews, scored by a teacher, join the BiLSTM's training split as soft
     # targets (pipeline/distill.py); validation and test never reach the teacher or the student.
     enabled: bool = False
-    teacher: Literal["ngrams"] = "ngrams"  # the n-gram regression (ngrams.*) fitted on train: seconds
+    # ngrams: the n-gram regression (ngrams.*) fitted on train, seconds; served: the served model
+    # of a first run of this config taught by ngrams (runs/<name>-teacher/): one more training
+    teacher: Literal["ngrams", "served"] = "ngrams"
     weight: float = Field(1.0, gt=0.0)  # loss weight of an unlabelled review against a labelled one
     temperature: float = Field(1.0, gt=0.0)  # teacher logit / T: > 1 softens its targets
     max_unlabelled: int | None = Field(None, gt=0)  # unlabelled reviews used; None = all
@@ -227,6 +229,15 @@ class Config(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     ngrams: NgramsConfig = NgramsConfig()
     distill: DistillConfig = DistillConfig()
+
+    @model_validator(mode="after")
+    def _one_strategy_per_process(self) -> Config:
+        if (self.distill.enabled and self.distill.teacher == "served"
+                and self.distribute.strategy == "multi_worker"):
+            # The teacher's run would set up a second multi-worker strategy in the same process.
+            raise ValueError("distill: teacher 'served' cannot train under distribute.strategy "
+                             "multi_worker (a second strategy in one process): use teacher 'ngrams'")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -1,15 +1,18 @@
 """Distillation: the unlabelled reviews, scored by a teacher, teach the BiLSTM.
 
-The teacher is the n-gram regression (`pipeline.ngrams`), fitted on the training reviews
-only. It scores the unlabelled reviews (tfds `unsupervised`, or aclImdb `train/unsup`),
+The teacher (`distill.teacher`) is the n-gram regression (`pipeline.ngrams`), fitted on the
+training reviews only, or (`served`) the served model of a first run of the same config
+taught by that regression: two rounds, the student of the first becoming part of the
+teacher of the second. It scores the unlabelled reviews (tfds `unsupervised`, or aclImdb `train/unsup`),
 and the BiLSTM (the student) trains on the gold labels plus those soft probabilities:
 binary cross-entropy on soft targets, each unlabelled review weighed `distill.weight`
 against a labelled one. The student so sees three times the reviews, labelled by a model
 that reads them differently (every phrase at once rather than in order).
 
 Validation and test text never reach the teacher's fit or the student's training: the
-teacher is fitted on `train` alone, and only `train` and the unlabelled reviews make the
-student's split.
+teacher's models are fitted on `train` alone (a `served` teacher's three blend weights on
+the validation labels, as every served model's are), and only `train` and the unlabelled
+reviews make the student's split.
 
 The teacher and its scores are cached under `pretrain.directory`, keyed by everything that
 shapes them (the data, the n-gram settings, the seed), so a rerun, a resumed run or another
@@ -22,6 +25,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +39,24 @@ from pipeline.runs import fingerprint
 
 log = logging.getLogger(__name__)
 
+SERVED_SCORES_FILE = "teacher_scores.npz"  # in a `served` teacher's run folder
+
 
 @dataclass(frozen=True)
 class Teacher:
     """The fitted teacher and its probabilities for the unlabelled reviews, in their order."""
 
-    branch: ngrams.NgramModel
+    branch: ngrams.NgramModel | None  # the n-gram regression fitted on train (None: a run without one)
     texts: list[str]
     probabilities: np.ndarray  # float32 [len(texts)], P(positive) after the temperature
     cached: bool  # True: read from the cache, nothing was fitted or scored
+
+
+def first_round(cfg: Config) -> Config:
+    """The config of a `served` teacher's run: this one under `<name>-teacher`, taught by the
+    n-gram regression. Its served model (BiLSTM + n-gram blend) then teaches this run."""
+    return cfg.model_copy(update={"name": f"{cfg.name}-teacher",
+                                  "distill": cfg.distill.model_copy(update={"teacher": "ngrams"})})
 
 
 def cache_stem(cfg: Config) -> Path:
@@ -111,14 +124,41 @@ def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
     logits = teacher_logits(branch, texts)
     stem.parent.mkdir(parents=True, exist_ok=True)
     ngrams.save(branch, branch_path)
-    tmp = scores_path.with_name(f".{scores_path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        np.savez(f, logits=logits, digest=np.array(digest))
-    os.replace(tmp, scores_path)
+    _save_scores(scores_path, logits, digest)
     probabilities = soft_targets(logits, cfg.distill.temperature)
     log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
              time.time() - t0, 100 * confident_share(probabilities), scores_path)
     return Teacher(branch, texts, probabilities, cached=False)
+
+
+def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | None,
+                   logits_of: Callable[[list[str]], np.ndarray], temperature: float) -> Teacher:
+    """A finished run's served model as the teacher: its logits of `texts` (`logits_of`),
+    cached in that run's folder beside what they were computed from."""
+    path = run_dir / SERVED_SCORES_FILE
+    digest = texts_digest(texts)
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["digest"]) == digest:
+                log.info("distill: the teacher run's scores of %d unlabelled reviews cached at %s",
+                         len(texts), path)
+                return Teacher(branch, texts, soft_targets(z["logits"], temperature), cached=True)
+    t0 = time.time()
+    log.info("distill: the served model of %s scores %d unlabelled reviews", run_dir, len(texts))
+    logits = logits_of(texts).astype(np.float32)
+    _save_scores(path, logits, digest)
+    probabilities = soft_targets(logits, temperature)
+    log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
+             time.time() - t0, 100 * confident_share(probabilities), path)
+    return Teacher(branch, texts, probabilities, cached=False)
+
+
+def _save_scores(path: Path, logits: np.ndarray, digest: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        np.savez(f, logits=logits, digest=np.array(digest))
+    os.replace(tmp, path)
 
 
 def confident_share(probabilities: np.ndarray) -> float:

@@ -253,6 +253,14 @@ def open_worker_run(cfg: Config, fp: str, task: str, fresh: bool) -> Run:
     return _hold(work_dir, resumed, fp)
 
 
+def finished_run(cfg: Config, fp: str) -> Path | None:
+    """The newest finished run of fingerprint `fp`, if any: what another run can build on."""
+    for run_dir in sorted((Path(cfg.runs_dir) / cfg.name).glob(f"[!.]*-{fp}"), reverse=True):
+        if read_json(run_dir / RUN_FILE).get("status") == "finished":
+            return run_dir
+    return None
+
+
 def latest_finished_run(cfg: Config) -> Path:
     """The newest run directory of this model name whose training finished."""
     root = Path(cfg.runs_dir) / cfg.name

@@ -73,6 +73,7 @@ from pipeline.runs import (
     Run,
     SeedStateBackup,
     best_so_far,
+    finished_run,
     open_run,
     open_worker_run,
     restored_epoch,
@@ -111,6 +112,9 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         raise ValueError("cfg.model.tuned_hparams is set: resolve it with pipeline.tune.apply_tuned "
                          "first and pass its provenance")
     t0 = time.time()
+    # A `served` teacher is a finished run of its own: found, resumed or trained first.
+    teacher_dir = (first_round(cfg, provenance)
+                   if cfg.distill.enabled and cfg.distill.teacher == "served" else None)
     strategy = make_strategy(cfg.distribute)  # first: multi-worker must set up before any TF op
     seed_everything(cfg)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -146,7 +150,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         global_batch = cfg.train.batch_size * replicas
         # Distillation: the teacher's soft targets for the unlabelled reviews join the training
         # split (a trained run needs no training split, so no teacher either).
-        teacher = run_teacher(cfg, raw, run) if cfg.distill.enabled and run.status != "trained" else None
+        teacher = (run_teacher(cfg, raw, run, teacher_dir)
+                   if cfg.distill.enabled and run.status != "trained" else None)
         train_raw, train_cfg = student_split(cfg, raw, sizes["train"], teacher)
         train_ds = vectorize_split(train_raw, vectorizer, cfg.vectorize, train_cfg, global_batch,
                                    shuffle_seed=cfg.seed, replicas=replicas)
@@ -187,7 +192,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # The n-gram branch, evaluation and export: a rerun after an interruption from here on
         # starts here again (a fitted branch is reloaded). Test is scored by the chief alone,
         # on the reviews as they are served, so every review counts.
-        ngram = ngram_branch(cfg, raw, vectorizer, model, run, teacher) if cfg.ngrams.enabled else None
+        ngram = (ngram_branch(cfg, raw, vectorizer, model, run, teacher, teacher_dir)
+                 if cfg.ngrams.enabled else None)
         log.info("evaluating on %d test reviews", sizes["test"])
         metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram)
         write_json(run.dir / METRICS_FILE, metrics)
@@ -215,13 +221,51 @@ def run_vectorizer(cfg: Config, raw_train: tf.data.Dataset, n_train: int, run: R
     return vectorizer
 
 
-def run_teacher(cfg: Config, raw: data_mod.RawSplits, run: Run) -> distill.Teacher:
-    """The distillation teacher, fitted on the training reviews only (or read from its cache)."""
-    t = distill.teacher(cfg, data_mod.decoded(raw.train))
+def first_round(cfg: Config, provenance: dict | None) -> Path:
+    """The finished run whose served model teaches this one (`distill.teacher: served`): the
+    same config taught by the n-gram regression, under `<name>-teacher`; trained (or resumed)
+    now unless it has finished before."""
+    teacher_cfg = distill.first_round(cfg)
+    done = finished_run(teacher_cfg, run_fingerprint(teacher_cfg, data_mod.data_identity(cfg.data)))
+    if done is None:
+        log.info("distill: training the teacher first, as its own run under %s/%s",
+                 teacher_cfg.runs_dir, teacher_cfg.name)
+        done = train(teacher_cfg, export=False, provenance=provenance).run_dir
+    else:
+        log.info("distill: the teacher is the finished run %s", done)
+    # Scored now, before this run seeds its generators: building the teacher's model draws
+    # from them, and a rerun that finds the scores cached must draw the same numbers.
+    served_teacher(cfg, done)
+    return done
+
+
+def served_teacher(cfg: Config, teacher_dir: Path) -> distill.Teacher:
+    """The served model of the finished run `teacher_dir` as the teacher (scores cached there)."""
+    def logits_of(texts: list[str]) -> np.ndarray:  # loaded only when the scores are not cached
+        teacher_cfg, vectorizer, model, branch = load_run(teacher_dir)
+        z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
+        return z_lstm if branch is None else ngrams.blend_logit(z_lstm, z_ngram, branch.blend)
+
+    branch_file = teacher_dir / NGRAMS_FILE
+    return distill.served_teacher(teacher_dir, distill.unlabelled_reviews(cfg),
+                                  ngrams.load(branch_file) if branch_file.is_file() else None,
+                                  logits_of, cfg.distill.temperature)
+
+
+def run_teacher(cfg: Config, raw: data_mod.RawSplits, run: Run, teacher_dir: Path | None
+                ) -> distill.Teacher:
+    """The distillation teacher: the n-gram regression fitted on the training reviews, or the
+    served model of the finished run `teacher_dir`; its scores from their cache when they match."""
+    if teacher_dir is None:
+        t = distill.teacher(cfg, data_mod.decoded(raw.train))
+        where = str(distill.cache_stem(cfg))
+    else:
+        t = served_teacher(cfg, teacher_dir)
+        where = str(teacher_dir)
     run.update(distill={"teacher": cfg.distill.teacher, "unlabelled_reviews": len(t.texts),
                         "confident_share": round(distill.confident_share(t.probabilities), 4),
                         "mean_probability": round(float(np.mean(t.probabilities)), 4),
-                        "cache": str(distill.cache_stem(cfg)), "cached": t.cached})
+                        "from": where, "cached": t.cached})
     return t
 
 
@@ -330,15 +374,15 @@ def keep_best_weights(model: keras.Model, run: Run) -> None:
 
 
 def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.TextVectorization,
-                 model: keras.Model, run: Run, teacher: distill.Teacher | None = None
-                 ) -> ngrams.NgramModel:
+                 model: keras.Model, run: Run, teacher: distill.Teacher | None = None,
+                 teacher_dir: Path | None = None) -> ngrams.NgramModel:
     """The run's n-gram branch: fitted once (`fit_ngram_branch`), saved in the run, reloaded
     on a rerun. A distilling run's teacher is the same regression on the same reviews: reused."""
     path = run.dir / NGRAMS_FILE
     if path.is_file():
         return ngrams.load(path)
     if teacher is None and cfg.distill.enabled:  # a run resumed after training: from the cache
-        teacher = run_teacher(cfg, raw, run)
+        teacher = run_teacher(cfg, raw, run, teacher_dir)
     branch = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw.train),
                               data_mod.decoded(raw.validation),
                               teacher.branch if teacher is not None else None)

@@ -162,3 +162,34 @@ def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_pa
     assert resumed.metrics == reference.metrics
     with (resumed.run_dir / "history.csv").open() as f, (reference.run_dir / "history.csv").open() as g:
         assert list(csv.DictReader(f)) == list(csv.DictReader(g))
+
+
+@pytest.mark.slow
+def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews(unsup_dir, tmp_path):
+    from pipeline.export import score_texts
+    from pipeline.train import load_run
+
+    cfg = _cfg(unsup_dir, tmp_path, "distill.teacher=served", "ngrams.enabled=true", "train.epochs=2")
+    student = train(cfg, export=False)
+    teachers = [d for d in (tmp_path / "runs" / "tiny-teacher").iterdir()]
+    assert len(teachers) == 1 and json.loads((teachers[0] / "run.json").read_text())["status"] == "finished"
+    info = json.loads((student.run_dir / "run.json").read_text())["distill"]
+    assert info["from"] == str(teachers[0])
+    scores = teachers[0] / distill.SERVED_SCORES_FILE
+    written = scores.stat().st_mtime_ns
+
+    # the soft targets are the first run's served probabilities of the unlabelled reviews
+    texts = distill.unlabelled_reviews(cfg)
+    teacher_cfg, vectorizer, model, branch = load_run(teachers[0])
+    z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
+    served = 1 / (1 + np.exp(-pipeline.ngrams.blend_logit(z_lstm, z_ngram, branch.blend)))
+    t = distill.served_teacher(teachers[0], texts, branch, lambda _: pytest.fail("not cached"), 1.0)
+    assert t.cached
+    np.testing.assert_allclose(t.probabilities, served, atol=1e-5)
+
+    # a second run of the config reuses the finished teacher and its scores
+    again = train(cfg, export=False, fresh=True)
+    assert len(list((tmp_path / "runs" / "tiny-teacher").iterdir())) == 1
+    assert json.loads((again.run_dir / "run.json").read_text())["distill"]["cached"] is True
+    assert scores.stat().st_mtime_ns == written
+    assert again.metrics == student.metrics  # the same seed draws the same numbers either way
