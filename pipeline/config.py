@@ -113,6 +113,8 @@ class TrainConfig(_Section):
     epochs: int = Field(10, gt=0)  # at most; early stopping may end sooner
     batch_size: int = Field(64, gt=0)  # per replica; global batch = this x replicas
     lr_scaling: Literal["fixed", "linear"] = "fixed"  # linear: lr x replicas
+    # cosine: per step from model.learning_rate down to 5% of it at the end of train.epochs
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # picks the best epoch, stops early
     early_stopping_patience: int = Field(2, ge=0)  # epochs without improvement before stopping
     # Epochs that train only the layers after the pretrained ones, so a random head does not

@@ -28,6 +28,7 @@ def build_model(
     embedding_trainable: bool = True,
     lstm_weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
     pretrained_lr_scale: float = 1.0,
+    decay_steps: int | None = None,
     use_cudnn: bool | str = "auto",
 ) -> keras.Model:
     """Build and compile the model on right-padded int64 token ids of any length.
@@ -35,6 +36,8 @@ def build_model(
     `lstm_weights` (forward, backward) start the first LSTM layer from language models.
     The pretrained layers (the embedding when `embedding_matrix` is given, that LSTM
     layer when `lstm_weights` are) learn at `pretrained_lr_scale` x the rate (`LayerwiseAdam`).
+    `decay_steps` set: the rate follows a cosine from `learning_rate` down to 5% of it over that
+    many steps (then stays there), counted by the optimizer, so a resumed run continues it.
     `use_cudnn=False` gives a graph that runs anywhere; the export uses it so a
     model trained on a GPU still serves on a CPU-only host.
     """
@@ -81,7 +84,10 @@ def build_model(
             first.set_weights(forward)
         pretrained += (first.name,)
     model.compile(
-        optimizer=LayerwiseAdam(learning_rate=learning_rate, pretrained=pretrained,
+        optimizer=LayerwiseAdam(learning_rate=learning_rate if decay_steps is None else
+                                keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps,
+                                                                       alpha=0.05),
+                                pretrained=pretrained,
                                 pretrained_scale=pretrained_lr_scale),
         loss="binary_crossentropy",
         # Against rounded targets: a distilled training split's soft targets count as the

@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import hashlib
 import logging
+import math
 import resource
 import shutil
 import sys
@@ -164,9 +165,13 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # word2vec, a vectors file or language models; a trained run's saved weights replace
         # any start, so it needs none (nor the minutes of pretraining a missing cache would cost).
         pretrained = {} if run.status == "trained" else initial_weights(cfg, vocabulary)
+        # A cosine schedule spans every step of train.epochs (the bucketed batches, about).
+        rows = sizes["train"] + (len(teacher.texts) if teacher is not None else 0)
+        decay_steps = (math.ceil(rows / global_batch) * cfg.train.epochs
+                       if cfg.train.lr_schedule == "cosine" else None)
         with strategy.scope():
             model = build_model(len(vocabulary), **(model_kwargs(cfg.model) | {"learning_rate": lr}),
-                                **pretrained)
+                                decay_steps=decay_steps, **pretrained)
         fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
         run.update(global_batch=global_batch, learning_rate=lr,
                    trainable_params=int(sum(np.prod(w.shape) for w in model.trainable_weights)))

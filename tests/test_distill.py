@@ -144,7 +144,9 @@ class StopAfterEpoch(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_path, monkeypatch):
-    extra = ("train.epochs=4", "train.early_stopping_patience=4", "model.dropout=0.3")
+    # a cosine rate, so the resumed optimizer must also carry on the schedule where it was
+    extra = ("train.epochs=4", "train.early_stopping_patience=4", "model.dropout=0.3",
+             "train.lr_schedule=cosine")
     reference = train(_cfg(unsup_dir, tmp_path / "reference", *extra), export=False)
 
     import pipeline.train as spine

@@ -57,3 +57,12 @@ def test_cudnn_free_copy_gives_the_same_outputs():
     portable.set_weights(model.get_weights())
     x = np.array([[3, 4, 5, 0]])
     np.testing.assert_allclose(model.predict(x, verbose=0), portable.predict(x, verbose=0), atol=1e-6)
+
+
+def test_a_cosine_rate_falls_to_five_percent_over_its_steps_and_stays():
+    model = build_model(50, embedding_dim=4, lstm_units=4, learning_rate=0.01, decay_steps=10)
+    schedule = model.optimizer._learning_rate  # the schedule itself; .learning_rate is its value now
+    rates = [float(schedule(step)) for step in (0, 5, 10, 20)]
+    np.testing.assert_allclose(rates, [0.01, 0.01 * (0.05 + 0.95 * 0.5), 0.0005, 0.0005], rtol=1e-5)
+    constant = build_model(50, embedding_dim=4, lstm_units=4, learning_rate=0.01)
+    assert float(constant.optimizer.learning_rate) == pytest.approx(0.01)
