@@ -19,7 +19,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineError, load_config, record_stop, stop_signal
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, PipelineError, record_stop, stop_signal
 
 log = logging.getLogger("pipeline")
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import DataConfig, PipelineError
+from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import keras
 import tensorflow as tf
 
 from pipeline import compat
-from pipeline.config import ConfigError, DistributeConfig
+from pipeline.config import DistributeConfig
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

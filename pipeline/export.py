@@ -25,8 +25,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import Config, PipelineError
+from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+from pipeline.errors import PipelineError
 from pipeline.model import build_model, logit_fn, model_kwargs
 from pipeline.ngrams import NgramModel, blend_logit
 from pipeline.vectorize import texts_to_padded_ids

@@ -16,8 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.embeddings import reduce_dim
+from pipeline.errors import ConfigError
 from pipeline.runs import fingerprint
 from pipeline.vectorize import standardize
 

@@ -31,7 +31,8 @@ from typing import IO
 import keras
 import numpy as np
 
-from pipeline.config import Config, PipelineError, stop_signal
+from pipeline.config import Config
+from pipeline.errors import PipelineError, stop_signal
 
 log = logging.getLogger(__name__)
 

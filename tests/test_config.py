@@ -4,7 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, DistributeConfig, PipelineError, load_config
+from pipeline.config import DistributeConfig, load_config
 from pipeline.data import data_identity
 from pipeline.distribute import (
     free_ports,
@@ -23,6 +23,7 @@ from pipeline.distribute import (
     tf_config,
     wait_all,
 )
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import build_model
 from pipeline.runs import latest_finished_run, open_run, open_worker_run, run_fingerprint
 from pipeline.train import train

@@ -3,8 +3,9 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.data import DataError
+from pipeline.errors import ConfigError
 from pipeline.pretrain import (
     Corpus,
     cache_path,

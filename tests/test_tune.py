@@ -18,7 +18,8 @@ import yaml
 
 from pipeline import tune, tune_report
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.model import build_model, model_kwargs
 from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
 
