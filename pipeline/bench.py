@@ -31,6 +31,7 @@ import tensorflow as tf
 from pipeline import data as data_mod
 from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
+from pipeline.distribute import seed_everything
 from pipeline.export import (
     export_model,
     score_texts,
@@ -39,7 +40,6 @@ from pipeline.export import (
     sigmoid,
 )
 from pipeline.model import build_model, logit_fn, model_kwargs
-from pipeline.runs import seed_everything
 from pipeline.vectorize import adapt_vectorizer, standardize, vectorize_split
 
 log = logging.getLogger(__name__)

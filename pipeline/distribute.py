@@ -1,4 +1,5 @@
-"""The tf.distribute strategy named in the config, and the multi-worker rules.
+"""The tf.distribute strategy named in the config, seeding and op determinism, and the
+multi-worker rules.
 
 Multi-worker training follows the documented Keras pattern: every worker runs the
 same program with its own `TF_CONFIG`; only the chief writes the run, other workers
@@ -22,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from pipeline import compat
-from pipeline.config import DistributeConfig
+from pipeline.config import Config, DistributeConfig
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
     log.info("strategy %s with %d replica(s)%s", strategy_name(strategy),
              strategy.num_replicas_in_sync, ", mixed_float16" if cfg.mixed_precision else "")
     return strategy
+
+
+def seed_everything(cfg: Config) -> None:
+    """Seed Python, NumPy and TensorFlow; op determinism where it holds (`train.deterministic`)."""
+    keras.utils.set_random_seed(cfg.seed)
+    if resolve_deterministic(cfg.train.deterministic):
+        tf.config.experimental.enable_op_determinism()
 
 
 _DETERMINISM_LOGGED: set[str] = set()  # each explanation once per process, not once per trial

@@ -161,9 +161,8 @@ def _check_export(cfg: Config, vectorizer, model: keras.Model, texts: list[str])
 def run_gpu_check(cfg: Config, train_examples: int, epochs: int) -> dict:
     """Devices, cuDNN use, seconds per epoch without and with mixed precision, the export check."""
     from pipeline import data as data_mod
-    from pipeline.distribute import make_strategy
+    from pipeline.distribute import make_strategy, seed_everything
     from pipeline.export import check_texts
-    from pipeline.runs import seed_everything
     from pipeline.vectorize import adapt_vectorizer, vectorize_split
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_train_examples": train_examples})})

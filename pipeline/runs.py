@@ -105,17 +105,6 @@ def run_fingerprint(cfg: Config, data_identity: dict) -> str:
     return fingerprint(d | {"data_identity": data_identity})
 
 
-def seed_everything(cfg: Config) -> None:
-    """Seed Python, NumPy and TensorFlow; op determinism where it holds (`train.deterministic`)."""
-    from pipeline.distribute import resolve_deterministic
-
-    keras.utils.set_random_seed(cfg.seed)
-    if resolve_deterministic(cfg.train.deterministic):
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-
-
 # --- locks --------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from pipeline.distribute import (
     is_chief,
     make_strategy,
     num_workers,
+    seed_everything,
     shard_by_data,
     strategy_name,
     task_name,
@@ -76,7 +77,6 @@ from pipeline.runs import (
     open_worker_run,
     restored_epoch,
     run_fingerprint,
-    seed_everything,
     tidy_history,
     write_json,
 )

@@ -39,11 +39,11 @@ import tensorflow as tf
 from pipeline import compat
 from pipeline import data as data_mod
 from pipeline.config import Config, TuneConfig, from_dict, save_config
-from pipeline.distribute import make_strategy
+from pipeline.distribute import make_strategy, seed_everything
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.errors import ConfigError, PipelineError, stop_signal
 from pipeline.model import build_model, model_kwargs
-from pipeline.runs import DirLock, fingerprint, read_json, seed_everything, write_json
+from pipeline.runs import DirLock, fingerprint, read_json, write_json
 from pipeline.tune_report import (
     BEST_FILE,
     EMBEDDING_DIR,
