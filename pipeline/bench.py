@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import atomic
 from pipeline import data as data_mod
 from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
@@ -288,7 +289,7 @@ def peer_table(r: dict, epochs: str) -> str:
 
 def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
     table = f"{MARK_START}\n{markdown_table(result)}\n{MARK_END}"
     text = markdown_path.read_text() if markdown_path.is_file() else "# Benchmarks\n\n"
     if MARK_START in text and MARK_END in text:
@@ -296,4 +297,4 @@ def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
         text = head + table + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + table + "\n"
-    markdown_path.write_text(text)
+    atomic.write_text(markdown_path, text)

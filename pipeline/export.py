@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import atomic
 from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 from pipeline.errors import PipelineError
@@ -333,4 +334,4 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
 
 
 def save_result(result: ExportResult, path: Path) -> None:
-    path.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    atomic.write_text(path, json.dumps(asdict(result), indent=2) + "\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipeline import atomic
 from pipeline.bench import EpochTimer  # a GPU bench: the same per-epoch clock as `make bench`
 from pipeline.config import Config
 
@@ -225,13 +226,10 @@ def passed(result: dict) -> bool:
 
 
 def write_results(result: dict, json_path: Path) -> Path:
-    """`<json>` and the table beside it as `.md`, each written to a temp name and renamed."""
+    """`<json>` and the table beside it as `.md`, each all or nothing."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path = json_path.with_suffix(".md")
-    for path, text in ((json_path, json.dumps(result, indent=2) + "\n"),
-                       (md_path, markdown_table(result))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(md_path, markdown_table(result))
     return md_path
 

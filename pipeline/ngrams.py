@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import sparse
 
+from pipeline.atomic import atomic_path
 from pipeline.config import NgramsConfig
 from pipeline.vectorize import standardize
 
@@ -177,14 +177,12 @@ def blend_logit(lstm_logit, ngram_logit, blend: tuple[float, float, float]):
 
 
 def save(m: NgramModel, path: Path) -> None:
-    """One .npz (vocabulary included), written to a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        # n-grams never hold a newline (they are split on whitespace): one UTF-8 buffer, no pickle
-        vocabulary = np.frombuffer("\n".join(m.vocabulary).encode("utf-8"), dtype=np.uint8)
+    """One .npz (vocabulary included), all or nothing."""
+    # n-grams never hold a newline (they are split on whitespace): one UTF-8 buffer, no pickle
+    vocabulary = np.frombuffer("\n".join(m.vocabulary).encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.savez(f, vocabulary=vocabulary, idf=m.idf, weights=m.weights,
                  bias=m.bias, order=m.order, blend=np.array(m.blend))
-    os.replace(tmp, path)
 
 
 def load(path: Path) -> NgramModel:

@@ -232,7 +232,7 @@ def test_backup_is_written_atomically_and_a_truncated_one_falls_back(tmp_path):
                                     delete_checkpoint=False)  # keep it, as a kill would
     model.fit(x, y, epochs=2, verbose=0, callbacks=[backup])
     files = sorted(p.name for p in (tmp_path / "backup").iterdir())
-    assert not [f for f in files if "partial" in f]  # temp names are renamed into place
+    assert not [f for f in files if f.startswith(".")]  # temporary names are renamed into place
     # Simulate a kill mid-write of the latest copy: the epoch-1 copy must be used instead.
     latest = tmp_path / "backup" / "latest.weights.h5"
     latest.write_bytes(latest.read_bytes()[:200])

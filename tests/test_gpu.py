@@ -216,7 +216,8 @@ def test_gpu_check_table_and_files_from_canned_figures(tmp_path):
 
     md = write_results(result, tmp_path / "bench_results" / "gpu_check.json")
     assert json.loads((tmp_path / "bench_results" / "gpu_check.json").read_text()) == result
-    assert md.read_text() == table and not list(md.parent.glob("*.tmp"))
+    assert md.read_text() == table
+    assert sorted(p.name for p in md.parent.iterdir()) == ["gpu_check.json", "gpu_check.md"]
 
     failed = result | {"cudnn": False, "export": {"ok": False, "error": "export check failed: 0.1"},
                        "legs": [leg | {"mixed_precision": False, "cudnn_lstm_directions": 0}]}
