@@ -2,8 +2,8 @@
 
 A BiLSTM and a linear model over word n-grams make different mistakes: the first reads
 order and negation across a review, the second weighs every phrase of it at once. Their
-logits, combined by a logistic regression fitted on the validation split (stacking), beat
-either alone (BENCHMARKS.md). The linear model is NBSVM-style (Wang & Manning 2012):
+logits, combined by a logistic regression fitted on the validation split (stacking, in
+`pipeline.scoring`), beat either alone (BENCHMARKS.md). The linear model is NBSVM-style (Wang & Manning 2012):
 
     counts of 1..order-grams -> sublinear tf (1 + log count) x idf -> L2 norm -> x NB ratio
 
@@ -158,22 +158,6 @@ def fit(texts: list[str], labels: np.ndarray, cfg: NgramsConfig) -> NgramModel:
     regression.fit(x @ sparse.diags(ratio), labels)
     weights = (regression.coef_.ravel() * ratio).astype(np.float32)
     return NgramModel(vocabulary, idf, weights, float(regression.intercept_[0]), cfg.order)
-
-
-def fit_blend(lstm_logits: np.ndarray, ngram_logits: np.ndarray, labels: np.ndarray
-              ) -> tuple[float, float, float]:
-    """Weights of the two logits and an intercept: a logistic regression on held-out reviews."""
-    from sklearn.linear_model import LogisticRegression
-
-    stacked = LogisticRegression().fit(np.c_[lstm_logits, ngram_logits], labels)
-    a, b = (float(w) for w in stacked.coef_.ravel())
-    return a, b, float(stacked.intercept_[0])
-
-
-def blend_logit(lstm_logit, ngram_logit, blend: tuple[float, float, float]):
-    """The served logit: works on NumPy arrays and on tensors alike."""
-    a, b, c = blend
-    return a * lstm_logit + b * ngram_logit + c
 
 
 def save(m: NgramModel, path: Path) -> None:

@@ -21,6 +21,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.embeddings import reduce_dim
 from pipeline.errors import ConfigError
+from pipeline.lm import load_lm, train_lm
 from pipeline.runs import fingerprint
 from pipeline.vectorize import standardize
 
@@ -156,8 +157,6 @@ def initial_weights(cfg: Config, vocabulary: list[str]) -> dict:
     if init == "random":
         return {}
     if init == "lm":
-        from pipeline.lm import load_lm, train_lm
-
         lm, _ = load_lm(train_lm(cfg))
         lookup = dict(zip(lm.vocabulary, lm.embedding, strict=True))
         return {"embedding_matrix": vocabulary_matrix(lookup, vocabulary, cfg.model.embedding_dim,

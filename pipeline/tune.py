@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +41,8 @@ from pipeline.config import Config, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy, seed_everything
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.errors import ConfigError, PipelineError, stop_signal
-from pipeline.model import build_model, model_kwargs
+from pipeline.model import build_model, fit_verbosity, model_kwargs, trainable_params
+from pipeline.pretrain import embedding_matrix
 from pipeline.runs import DirLock, fingerprint, read_json, write_json
 from pipeline.tune_report import (
     BEST_FILE,
@@ -99,10 +99,6 @@ def grid(space: kt.HyperParameters) -> Iterator[dict]:
         yield dict(zip(names, combo, strict=True))
 
 
-def trainable_params(model: keras.Model) -> int:
-    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
-
-
 class EmbeddingHyperModel(kt.HyperModel):
     """The thin adapter: reads the searched values from `hp`, calls the plain builder.
 
@@ -125,8 +121,6 @@ class EmbeddingHyperModel(kt.HyperModel):
         if init == "random" or self.vocabulary is None:  # no words yet: the space-only build
             return None
         if (init, dim) not in self._matrices:
-            from pipeline.pretrain import embedding_matrix
-
             d = self.cfg.to_dict()
             d["model"] |= {"embedding_init": init, "embedding_dim": dim}
             self._matrices[(init, dim)] = embedding_matrix(from_dict(d), self.vocabulary)
@@ -434,7 +428,7 @@ def _run_search(cfg: Config, fresh: bool) -> TuneResult:
     # model up front only to register the search space.
     hypermodel = EmbeddingHyperModel(cfg, cfg.vectorize.max_tokens, lr_scale)
     tuner = make_tuner(cfg, hypermodel, out, strategy)
-    verbose = cfg.train.verbose if cfg.train.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    verbose = fit_verbosity(cfg.train.verbose)
 
     if who == "chief":
         log.info("chief: serving the search on %s:%s until the workers have run every trial",
