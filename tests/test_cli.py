@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import COMMANDS, INTERRUPT_HINT, main, setup_logging
-from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
+from tests.helpers import ctrl_c_inside_tensorflow, damage, tiny_overrides, tiny_tfds, write_aclimdb
 
 
 @pytest.mark.slow
@@ -49,8 +49,6 @@ def test_module_entry_point_help():
 
 
 def test_cli_unreadable_review_exits_nonzero_with_one_line(tmp_path, capsys):
-    from tests.conftest import write_aclimdb
-
     root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
     (root / "test" / "neg" / "7_1.txt").symlink_to(tmp_path / "gone.txt")
     args = ["train"]
@@ -145,8 +143,8 @@ def test_sigterm_is_handled_like_ctrl_c(sig, code):
     assert err.strip().splitlines() == [INTERRUPT_HINT]
 
 
-def test_ctrl_c_that_tensorflow_reraises_as_another_error_is_still_an_interruption(monkeypatch,
-                                                                                    capsys):
+def test_ctrl_c_that_tensorflow_reraises_as_another_error_is_still_an_interruption(monkeypatch, capsys,
+                                                                                    default_sigint):
     with pytest.raises(RuntimeError, match="REPLACED BY KeyboardInterrupt"):  # what main meets
         ctrl_c_inside_tensorflow(monkeypatch)
 
@@ -195,8 +193,6 @@ def test_verbose_is_accepted_before_and_after_the_command():
 
 
 def test_damaged_tfds_data_stops_before_training_with_one_line(tmp_path, capsys):
-    from tests.test_data import damage, tiny_tfds
-
     bad = tiny_tfds(tmp_path / "tfds")
     damage(bad, "truncated")
     capsys.readouterr()  # tfds's progress bars while preparing

@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import build_model
 from pipeline.runs import latest_finished_run, open_run, open_worker_run, run_fingerprint
 from pipeline.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_auto_on_cpu_is_the_default_strategy():

@@ -18,10 +18,11 @@ from pipeline.export import (
     check_writable,
     clear_stale_temps,
     existing_versions,
+    export_run,
     publish,
 )
-from pipeline.train import export_run, train
-from tests.conftest import tiny_overrides
+from pipeline.train import train
+from tests.helpers import tiny_overrides
 
 # One fresh interpreter (-I: not even this project on its path) that imports only TensorFlow and
 # loads the export once, for both tests below: the round trip, and texts of every odd kind.

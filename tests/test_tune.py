@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.model import build_model, model_kwargs
-from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
+from tests.helpers import ctrl_c_inside_tensorflow, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = [4, 8]
@@ -166,7 +166,8 @@ def test_changed_settings_need_fresh(searched, imdb_dir):
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys):
+def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys,
+                                                default_sigint):
     """A copy of the finished search, one more candidate listed, Ctrl-C during its trial (landing
     where TensorFlow re-raises it as a RuntimeError, which KerasTuner would take for a failed
     trial): the rerun trains that candidate only; the finished trials are kept as they were."""

@@ -23,7 +23,7 @@ import tensorflow as tf
 import pipeline.export
 from pipeline.cli import main
 from pipeline.config import ModelConfig, load_config
-from pipeline.export import _serving_archive, export_model, in_memory_predict
+from pipeline.export import _serving_archive, export_model
 from pipeline.gpu_check import (
     cudnn_forward_count,
     cudnn_ops,
@@ -37,8 +37,9 @@ from pipeline.gpu_check import (
     write_results,
 )
 from pipeline.model import build_model, model_kwargs
+from pipeline.scoring import in_memory_predict
 from pipeline.vectorize import make_vectorizer
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE
 
 _rnn = importlib.import_module("keras.src.backend.tensorflow.rnn")
 
