@@ -1,7 +1,9 @@
 """Tuning: which embedding size gives the best model for its size? A KerasTuner search.
 
-The search space is `tune.embedding_dims` (plus `tune.lstm_units` / `dropout` /
-`learning_rate` when the config lists them). The vocabulary is adapted once and the
+The search space is `tune.embedding_dims` and `tune.embedding_init` (the embedding starts to
+compare, e.g. random against word2vec, each word2vec candidate from vectors of its own
+size; unset: `model.embedding_init` alone), plus `tune.lstm_units` / `dropout` /
+`learning_rate` when the config lists them. The vocabulary is adapted once and the
 token ids are cached once for all trials, and every trial sees the same batches in
 the same order from the same initial seed; each trial early-stops and runs under the
 training strategy; the objective is val_accuracy on the validation split carved from
@@ -387,6 +389,31 @@ def make_tuner(cfg: Config, hypermodel: EmbeddingHyperModel, out: Path,
     return tuner
 
 
+def trials_to_run(oracle: kt.Oracle) -> int | None:
+    """How many trials a search of `oracle` will still train; None where the tuner decides
+    as it goes (Hyperband's rounds)."""
+    rerun = len(compat.retry_queue(oracle))  # cut off by a kill or Ctrl-C: trained again first
+    room = oracle.max_trials - len(oracle.trials) if oracle.max_trials else None
+    if isinstance(oracle, ResumableGridOracle):
+        untried = sum(1 for v in grid(oracle.hyperparameters) if not compat.is_duplicate(oracle, v))
+        return rerun + (untried if room is None else min(untried, max(room, 0)))
+    if isinstance(oracle, kt.oracles.HyperbandOracle) or room is None:
+        return None
+    return rerun + max(room, 0)
+
+
+def log_resume(oracle: kt.Oracle, out: Path) -> None:
+    """On a search reloaded from `out`: how many finished trials it keeps, how many it will run."""
+    if not oracle.trials:
+        return
+    kept = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
+    failed = sum(1 for t in oracle.trials.values() if t.status in ("FAILED", "INVALID"))
+    to_run = trials_to_run(oracle)
+    log.info("resuming the search in %s: %d finished trial(s) kept%s, %s to run", out / PROJECT, kept,
+             f" ({failed} failed, not retried)" if failed else "",
+             "as many as Hyperband's rounds need" if to_run is None else f"{to_run} trial(s)")
+
+
 def trial_callbacks(cfg: Config, out: Path) -> list[keras.callbacks.Callback]:
     """Copied for every trial by KerasTuner; it points TensorBoard at logs/<trial>/ and adds HParams."""
     return [
@@ -429,6 +456,8 @@ def _run_search(cfg: Config, fresh: bool) -> TuneResult:
     hypermodel = EmbeddingHyperModel(cfg, cfg.vectorize.max_tokens, lr_scale)
     tuner = make_tuner(cfg, hypermodel, out, strategy)
     verbose = fit_verbosity(cfg.train.verbose)
+    if who != "worker":
+        log_resume(tuner.oracle, out)
 
     if who == "chief":
         log.info("chief: serving the search on %s:%s until the workers have run every trial",

@@ -3,6 +3,7 @@ training, resume after an interruption, chief/worker tuning, and bad tuning conf
 
 import csv
 import json
+import logging
 import os
 import shutil
 import socket
@@ -166,7 +167,7 @@ def test_changed_settings_need_fresh(searched, imdb_dir):
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys,
+def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys, caplog,
                                                 default_sigint):
     """A copy of the finished search, one more candidate listed, Ctrl-C during its trial (landing
     where TensorFlow re-raises it as a RuntimeError, which KerasTuner would take for a failed
@@ -191,7 +192,10 @@ def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, mo
 
     monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", fit)
     monkeypatch.setattr(tune_report, "summary", lambda r: json.dumps(r.trained))  # what this session ran
-    assert main(["tune"] + extended) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.tune"):
+        assert main(["tune"] + extended) == 0
+    assert "2 finished trial(s) kept, 1 trial(s) to run" in caplog.text  # the interrupted one
     ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [t["values"] for t in ran] == [{"embedding_dim": 16}]
     trials = _oracle_trials(out)
