@@ -13,9 +13,11 @@ temporary folder; one left by a killed exporter is removed by the next export.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -189,10 +191,26 @@ def clear_stale_temps(model_dir: Path) -> list[Path]:
     return removed
 
 
+# The operating system's own words for a failed write ("No space left on device", ...),
+# longest first, so that one containing another is found whole.
+_OS_CAUSES = sorted({os.strerror(n) for n in errno.errorcode}, key=len, reverse=True)
+
+
+def _write_cause(exc: BaseException) -> str:
+    """Why a write failed, in a few words: TensorFlow's message also names the op, the
+    device and a temporary file (`{{function_node __wrapped__SaveV2...}} /path...; No space
+    left on device [Op:SaveV2]`), none of which helps the user."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = exc.message if isinstance(exc, tf.errors.OpError) else str(exc)
+    text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\].*", "", text or "")
+    lines = text.strip().splitlines()
+    found = next((cause for cause in _OS_CAUSES if cause in text), None)
+    return found or (lines[0][:200] if lines else type(exc).__name__)
+
+
 def _cannot_write(model_dir: Path, exc: BaseException) -> ExportError:
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-        exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
-    why = (why or type(exc).__name__).strip().splitlines()[0]
+    why = _write_cause(exc)
     return ExportError(f"cannot write the export to {model_dir}: {why}; nothing was published "
                        "(free space or fix permissions, then run `make export`)")
 
