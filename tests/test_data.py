@@ -26,8 +26,13 @@ def test_tfds_source_with_mock_data():
 
 
 def test_tfds_missing_says_how_to_fix(tmp_path):
-    with pytest.raises(DataError, match="TFDS_DATA_DIR"):
+    with pytest.raises(DataError) as info:
         load_raw(DataConfig(data_dir=str(tmp_path), download="never"), seed=0)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and "TFDS_DATA_DIR" in message
+    # how a user makes a prepared copy, not where this checkout keeps one
+    assert "tfds build imdb_reviews" in message and 'tfds.load("imdb_reviews", download=True)' in message
+    assert "shared" not in message
 
 
 def test_directory_source_carves_validation_deterministically(imdb_dir):
