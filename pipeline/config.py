@@ -149,7 +149,7 @@ class PretrainConfig(_Section):
     window: int = Field(5, gt=0)  # words either side (skip-gram, negative sampling)
     min_count: int = Field(2, gt=0)  # rarer words get no vector
     epochs: int = Field(5, gt=0)  # passes over the corpus
-    workers: int = Field(2, gt=0)  # gensim threads; this machine has 2 cores
+    workers: int = Field(2, gt=0)  # gensim threads; more than the CPU has cores only adds contention
     directory: str = "pretrained"  # cached vectors, keyed by their settings
     # Language models (model.embedding_init: lm); sizes come from model.embedding_dim/lstm_units.
     lm_epochs: int = Field(1, gt=0)  # passes over the unlabelled + training reviews
