@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -81,7 +82,9 @@ def test_export_round_trip_in_a_tensorflow_only_process(trained_run, tf_only_rep
     pos, neg = got["p"]
     assert 0.0 <= neg < 0.5 < pos <= 1.0  # the tiny data is easy: the model must have learnt it
     record = json.loads((result.run_dir / "export.json").read_text())
-    assert record["max_abs_diff"] <= 1e-5 and record["checked_texts"] > 0
+    assert record["max_abs_diff"] <= 1e-5
+    assert record["checked_texts"] == 32 + 5  # the first 32 test reviews and the edge cases
+    assert record == dataclasses.asdict(result.export)
 
 
 def test_signature_shapes(trained_run):
