@@ -113,6 +113,9 @@ def ctrl_c_inside_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     from tensorflow.python.framework import errors_impl
 
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        # ignored (a background job, nohup): nothing would happen; default: pytest would die
+        raise RuntimeError("SIGINT has no Python handler here: use the default_sigint fixture")
     build = errors_impl.OutOfRangeError.__init__
 
     def interrupted(self, *args, **kwargs):
