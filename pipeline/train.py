@@ -3,9 +3,9 @@
 `train(cfg)` reads top to bottom in that order, each step a call into its module: scoring,
 the blend and the metrics live in `pipeline.scoring`, the export in `pipeline.export`, the
 bookkeeping (the run directory and its lock, the run record, the resume state) in
-`pipeline.runs`. Each run has its
-own directory `runs/<name>/<time>-<fingerprint>/` holding the resolved config,
-vocabulary, checkpoints, history, TensorBoard logs, metrics and export record.
+`pipeline.runs`. Each run has its own directory `runs/<name>/<time>-<fingerprint>/`
+holding the resolved config, vocabulary, checkpoints, history, TensorBoard logs, metrics
+and export record.
 
 A rerun of the same config resumes its newest unfinished run (unless `fresh=True`):
 from the last completed epoch while it was training, at the evaluation and export once
