@@ -12,7 +12,8 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
         assert len(m["seconds_per_epoch"]) == 2
         # the headline rate is the second (steady) epoch's: the first also traces and caches
         assert m["best_steady_seconds_per_epoch"] == pytest.approx(m["seconds_per_epoch"][1], abs=0.01)
-        assert m["train_examples_per_s"] == pytest.approx(60 / m["best_steady_seconds_per_epoch"], rel=0.02)
+        steady = m["best_steady_seconds_per_epoch"]  # rounded to 0.01 s, of epochs this short
+        assert 60 / (steady + 0.005) <= m["train_examples_per_s"] <= 60 / max(steady - 0.005, 1e-3)
         correct = m["test_accuracy"] * 40  # scored on all 40 test reviews
         assert abs(correct - round(correct)) < 1e-4, (side, m["test_accuracy"])
     assert result["train_speedup"] == pytest.approx(
