@@ -1,8 +1,8 @@
 """Export raw strings -> probability as a versioned TF SavedModel that TF Serving loads.
 
 Only the export lives here: build the serving graph, verify it against the in-memory
-model (`pipeline.scoring` computes both sides), publish it as the next version, and
-re-export a finished run (`export_run`).
+model (whose probabilities `pipeline.scoring` computes), publish it as the next version,
+and re-export a finished run (`export_run`).
 
 The version is written to a temporary folder `<dir>/<name>/.tmp-export-<host>-<pid>-*/`,
 reloaded and checked in a separate process that imports only TensorFlow, and only then
