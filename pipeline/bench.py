@@ -28,37 +28,27 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import atomic
 from pipeline import data as data_mod
 from pipeline.config import Config
-from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
-from pipeline.export import (
-    export_model,
+from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+from pipeline.distribute import seed_everything
+from pipeline.export import export_model
+from pipeline.model import EpochTimer, build_model, logit_fn, model_kwargs
+from pipeline.scoring import (
+    fit_ngram_branch,
+    metrics_of,
     score_texts,
     served_probabilities,
     served_probability,
     sigmoid,
 )
-from pipeline.model import build_model, logit_fn, model_kwargs
-from pipeline.runs import seed_everything
 from pipeline.vectorize import adapt_vectorizer, standardize, vectorize_split
 
 log = logging.getLogger(__name__)
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 SERVING_TEXTS = 2000  # test reviews timed through each serving path: enough for a steady rate
-
-
-class EpochTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._t)
-        log.info("bench: epoch %d: %.0f s", epoch + 1, self.seconds[-1])
 
 
 def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
@@ -77,7 +67,7 @@ def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
 def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
     timer = EpochTimer()
     model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
-    # Epoch times on this shared VM swing by up to 2x from one epoch to the next, so the
+    # Epoch times on a busy machine swing by up to 2x from one epoch to the next, so the
     # headline is the fastest epoch after the first (as timeit takes the best of repeats).
     steady = timer.seconds[1:] or timer.seconds
     return {
@@ -89,8 +79,10 @@ def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
     }
 
 
-def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean((probs.reshape(-1) >= THRESHOLD) == labels))
+def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Test accuracy and AUC, computed as `make train`'s metrics.json computes them."""
+    m = metrics_of(probs, labels)
+    return {"test_accuracy": m["accuracy"], "test_auc": round(m["auc"], 4)}
 
 
 def _throughput(fn, texts: list[str], batch: int) -> float:
@@ -113,12 +105,6 @@ def _latency_ms(fn, text: str, repeats: int) -> dict:
     return {"p50": round(float(p50), 2), "p95": round(float(p95), 2)}
 
 
-def _auc(probs: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return round(float(roc_auc_score(labels, np.asarray(probs).reshape(-1))), 4)
-
-
 def linear_peer(train_texts: list[str], train_labels: np.ndarray, test_texts: list[str],
                 test_labels: np.ndarray) -> dict:
     """TF-IDF unigrams + bigrams and logistic regression: test accuracy, AUC, training seconds."""
@@ -131,8 +117,7 @@ def linear_peer(train_texts: list[str], train_labels: np.ndarray, test_texts: li
     classifier.fit(tfidf.fit_transform(train_texts), train_labels)
     seconds = time.time() - t0
     probs = classifier.predict_proba(tfidf.transform(test_texts))[:, 1]
-    return {"test_accuracy": _accuracy(probs, test_labels), "test_auc": _auc(probs, test_labels),
-            "train_seconds": round(seconds, 1)}
+    return _scores(probs, test_labels) | {"train_seconds": round(seconds, 1)}
 
 
 def run_peer(cfg: Config, train_examples: int | None, test_examples: int | None) -> dict:
@@ -163,8 +148,7 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     base_train = raw_train.shuffle(n, seed=cfg.seed).batch(batch).prefetch(tf.data.AUTOTUNE)
     result["baseline"] = _fit(base, base_train, epochs, n)
     base_probs = base.predict(tf.constant(texts), batch_size=256, verbose=0)
-    result["baseline"] |= {"test_accuracy": _accuracy(base_probs, labels),
-                           "test_auc": _auc(base_probs, labels)}
+    result["baseline"] |= _scores(base_probs, labels)
     del base
 
     # (b) this pipeline.
@@ -176,20 +160,17 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
     result["pipeline"] = _fit(model, train_ds, epochs, n)
     z_lstm, _ = score_texts(vectorizer, model, texts, cfg.vectorize.max_length)
     probs = sigmoid(z_lstm)
-    result["pipeline"] |= {"test_accuracy": _accuracy(probs, labels), "test_auc": _auc(probs, labels)}
+    result["pipeline"] |= _scores(probs, labels)
     ngram = None
     if cfg.ngrams.enabled:
-        from pipeline.train import fit_ngram_branch
-
         t0 = time.time()
         ngram = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw_train),
                                  data_mod.decoded(raw.validation.take(test_examples)))
         branch_seconds = time.time() - t0
         probs = served_probabilities(*score_texts(vectorizer, model, texts, cfg.vectorize.max_length,
                                                   ngram), ngram)
-        result["served"] = {"test_accuracy": _accuracy(probs, labels), "test_auc": _auc(probs, labels),
-                            "train_seconds": round(sum(result["pipeline"]["seconds_per_epoch"])
-                                                   + branch_seconds, 1)}
+        result["served"] = _scores(probs, labels) | {
+            "train_seconds": round(sum(result["pipeline"]["seconds_per_epoch"]) + branch_seconds, 1)}
     a, b = result["baseline"], result["pipeline"]
     result["train_speedup"] = round(b["train_examples_per_s"] / a["train_examples_per_s"], 2)
     result["all_epochs_speedup"] = round(b["all_epochs_examples_per_s"] / a["all_epochs_examples_per_s"], 2)
@@ -288,7 +269,7 @@ def peer_table(r: dict, epochs: str) -> str:
 
 def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
     table = f"{MARK_START}\n{markdown_table(result)}\n{MARK_END}"
     text = markdown_path.read_text() if markdown_path.is_file() else "# Benchmarks\n\n"
     if MARK_START in text and MARK_END in text:
@@ -296,4 +277,4 @@ def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
         text = head + table + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + table + "\n"
-    markdown_path.write_text(text)
+    atomic.write_text(markdown_path, text)

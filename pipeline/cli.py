@@ -1,7 +1,8 @@
 """Command line: the only module that defines flags. `imdb-pipeline <command> --help`.
 
-Nothing here imports TensorFlow at module level: a config error is reported before any
-stage (and TensorFlow's start-up) is loaded.
+Nothing here imports TensorFlow at module level: each command imports its stage inside
+its function, so `--help` and a config error come before any stage (and TensorFlow's
+start-up) is loaded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from pipeline.config import ConfigError, PipelineError, load_config, record_stop, stop_signal
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, PipelineError, record_stop, stop_signal
 
 log = logging.getLogger("pipeline")
 
@@ -219,8 +221,8 @@ def _export(args: argparse.Namespace) -> int:
         raise PipelineError(f"--run {args.run}: not a run directory (no config.yaml); "
                             f"runs are under {cfg.runs_dir}/{cfg.name}/")
     _import_tensorflow(args)
+    from pipeline.export import export_run  # not pipeline.train: re-exporting trains nothing
     from pipeline.runs import latest_finished_run
-    from pipeline.train import export_run
 
     try:
         run_dir = Path(args.run) if args.run else latest_finished_run(cfg)

@@ -23,7 +23,7 @@ import tensorflow as tf
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # training imports this module; KerasTuner is needed only to tune
     import keras_tuner as kt

@@ -1,10 +1,8 @@
 """One typed, validated config: defaults, then a YAML file, then dotted overrides.
 
 Unknown keys, wrong types and out-of-range values are refused at load with a
-`ConfigError` whose message names the key; the CLI turns it into exit code 2.
-
-It also holds what every stage shares without importing TensorFlow: `PipelineError`, and
-the record of a stop signal (`stop_signal`) that the CLI's handler writes.
+`ConfigError` (`pipeline.errors`) whose message names the key; the CLI turns it into exit
+code 2.
 """
 
 from __future__ import annotations
@@ -16,36 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class PipelineError(RuntimeError):
-    """A failure the user can act on (bad data, a failed export check, ...): one line, exit 1.
-
-    Defined here, in a module without TensorFlow, so the CLI can catch every stage's
-    error without importing the stages.
-    """
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
-
-
-_stop_signal: int | None = None
-
-
-def record_stop(signum: int | None) -> None:
-    """Note the signal (SIGINT, SIGTERM) that asked this process to stop; None forgets it."""
-    global _stop_signal
-    _stop_signal = signum
-
-
-def stop_signal() -> int | None:
-    """The signal that asked this process to stop, if one has.
-
-    The KeyboardInterrupt raised for it can come out as another error: when it lands while
-    TensorFlow builds a Python exception in C++ (the OutOfRangeError that ends every epoch),
-    pybind11 raises a RuntimeError instead. An error after a stop was asked is the stop.
-    """
-    return _stop_signal
+from pipeline import atomic
+from pipeline.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -181,7 +151,7 @@ class PretrainConfig(_Section):
     window: int = Field(5, gt=0)  # words either side (skip-gram, negative sampling)
     min_count: int = Field(2, gt=0)  # rarer words get no vector
     epochs: int = Field(5, gt=0)  # passes over the corpus
-    workers: int = Field(2, gt=0)  # gensim threads; this machine has 2 cores
+    workers: int = Field(2, gt=0)  # gensim threads; more than the CPU has cores only adds contention
     directory: str = "pretrained"  # cached vectors, keyed by their settings
     # Language models (model.embedding_init: lm); sizes come from model.embedding_dim/lstm_units.
     lm_epochs: int = Field(1, gt=0)  # passes over the unlabelled + training reviews
@@ -356,4 +326,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

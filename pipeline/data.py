@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import DataConfig, PipelineError
+from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ def tfds_data_dir(cfg: DataConfig) -> str | None:
 
 def _tfds_hint(cfg: DataConfig, why: str) -> DataError:
     return DataError(
-        f"cannot load tfds dataset {cfg.tfds_name!r} ({why}): set TFDS_DATA_DIR "
-        "(or data.data_dir) to a folder holding a prepared copy, e.g. "
-        "TFDS_DATA_DIR=../shared/tfds, or use data.source=directory"
+        f"cannot load tfds dataset {cfg.tfds_name!r} ({why}): point TFDS_DATA_DIR (or "
+        "data.data_dir) at a prepared copy, a tfds data dir holding the built dataset: make one "
+        f"on a machine with internet (`tfds build {cfg.tfds_name}`, or "
+        f"`tfds.load(\"{cfg.tfds_name}\", download=True)`), then copy its data dir (default "
+        "~/tensorflow_datasets) to this machine; or use data.source=directory with an aclImdb-style folder"
     )
 
 

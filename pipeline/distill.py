@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import tensorflow as tf
 
 from pipeline import data as data_mod
 from pipeline import ngrams
+from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.runs import fingerprint
 
@@ -155,10 +155,8 @@ def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | 
 
 def _save_scores(path: Path, logits: np.ndarray, digest: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.savez(f, logits=logits, digest=np.array(digest))
-    os.replace(tmp, path)
 
 
 def confident_share(probabilities: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""The tf.distribute strategy named in the config, and the multi-worker rules.
+"""The tf.distribute strategy named in the config, seeding and op determinism, and the
+multi-worker rules.
 
 Multi-worker training follows the documented Keras pattern: every worker runs the
 same program with its own `TF_CONFIG`; only the chief writes the run, other workers
@@ -21,8 +22,10 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline import compat
-from pipeline.config import ConfigError, DistributeConfig
+from pipeline import atomic, compat
+from pipeline.atomic import atomic_path
+from pipeline.config import Config, DistributeConfig
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,13 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
     log.info("strategy %s with %d replica(s)%s", strategy_name(strategy),
              strategy.num_replicas_in_sync, ", mixed_float16" if cfg.mixed_precision else "")
     return strategy
+
+
+def seed_everything(cfg: Config) -> None:
+    """Seed Python, NumPy and TensorFlow; op determinism where it holds (`train.deterministic`)."""
+    keras.utils.set_random_seed(cfg.seed)
+    if resolve_deterministic(cfg.train.deterministic):
+        tf.config.experimental.enable_op_determinism()
 
 
 _DETERMINISM_LOGGED: set[str] = set()  # each explanation once per process, not once per trial
@@ -194,30 +204,27 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
             if not Path(self._prev_weights_path).is_file():
                 raise
             log.warning("the latest backup is unreadable; resuming from the one before it")
-            shutil.copyfile(self._prev_weights_path, self._weights_path)
+            atomic.copy_file(self._prev_weights_path, self._weights_path)
             if Path(self._prev_training_metadata_path).is_file():
-                shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+                atomic.copy_file(self._prev_training_metadata_path, self._training_metadata_path)
             self._load_model()
 
     def _save_model(self):
-        """Keras' save, but each file is written under a temporary name and renamed.
+        """Keras' save, but each file all or nothing (`pipeline.atomic`).
 
         Keras writes the backup in place, so a Ctrl-C or kill mid-write leaves a file
-        that cannot be loaded; a rename is all or nothing.
+        that cannot be loaded.
         """
         os.makedirs(self.backup_dir, exist_ok=True)
         if self.double_checkpoint and os.path.exists(self._weights_path):
-            shutil.copyfile(self._weights_path, self._prev_weights_path + ".partial")
-            os.replace(self._prev_weights_path + ".partial", self._prev_weights_path)
+            atomic.copy_file(self._weights_path, self._prev_weights_path)
             if os.path.exists(self._training_metadata_path):
-                shutil.copyfile(self._training_metadata_path, self._prev_training_metadata_path)
-        partial = self._weights_path.removesuffix(".weights.h5") + ".partial.weights.h5"
-        self.model.save_weights(partial, overwrite=True)
-        os.replace(partial, self._weights_path)
+                atomic.copy_file(self._training_metadata_path, self._prev_training_metadata_path)
+        # Keras refuses a weights file name without this ending.
+        with atomic_path(self._weights_path, suffix=".weights.h5") as tmp:
+            self.model.save_weights(str(tmp), overwrite=True)
         meta = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
-        with open(self._training_metadata_path + ".partial", "w") as f:
-            f.write(json.dumps(meta))
-        os.replace(self._training_metadata_path + ".partial", self._training_metadata_path)
+        atomic.write_text(self._training_metadata_path, json.dumps(meta))
 
     def _agree_on_epoch(self, strategy: tf.distribute.Strategy) -> None:
         mine = self._saved_epoch()
@@ -228,8 +235,8 @@ class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
         if agreed == 0:
             shutil.rmtree(self.backup_dir, ignore_errors=True)
         elif agreed == mine - 1 and Path(self._prev_training_metadata_path).is_file():
-            shutil.copyfile(self._prev_weights_path, self._weights_path)
-            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+            atomic.copy_file(self._prev_weights_path, self._weights_path)
+            atomic.copy_file(self._prev_training_metadata_path, self._training_metadata_path)
         else:  # every epoch ends in steps all workers take together: one apart at most
             raise RuntimeError(f"workers disagree on the epoch to resume from ({agreed} vs {mine}) "
                                f"and no backup of epoch {agreed} is left: start over with --fresh")

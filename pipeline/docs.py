@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pipeline import atomic
 from pipeline import config as config_mod
 
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -137,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    atomic.write_text(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import atomic
+
 PROBE_WORDS = ("excellent", "awful", "boring", "funny", "plot")
 VECTORS_FILE = "embedding_vectors.tsv"
 METADATA_FILE = "embedding_words.tsv"
@@ -29,9 +31,7 @@ def write_projector(embedding: np.ndarray, vocabulary: list[str], log_dir: Path)
     log_dir.mkdir(parents=True, exist_ok=True)
     for name, lines in ((VECTORS_FILE, ("\t".join(f"{v:.5g}" for v in row) for row in embedding)),
                         (METADATA_FILE, (_label(w) for w in vocabulary))):
-        tmp = log_dir / f".{name}.tmp"
-        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-        tmp.replace(log_dir / name)
+        atomic.write_text(log_dir / name, "".join(f"{line}\n" for line in lines))
     config = projector.ProjectorConfig()
     entry = config.embeddings.add()
     entry.tensor_name = f"embedding ({embedding.shape[1]}d)"

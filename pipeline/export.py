@@ -1,5 +1,9 @@
 """Export raw strings -> probability as a versioned TF SavedModel that TF Serving loads.
 
+Only the export lives here: build the serving graph, verify it against the in-memory
+model (whose probabilities `pipeline.scoring` computes), publish it as the next version,
+and re-export a finished run (`export_run`).
+
 The version is written to a temporary folder `<dir>/<name>/.tmp-export-<host>-<pid>-*/`,
 reloaded and checked in a separate process that imports only TensorFlow, and only then
 renamed to `<dir>/<name>/<N>/`; TF Serving ignores non-numeric folders, so it never sees
@@ -9,10 +13,11 @@ temporary folder; one left by a killed exporter is removed by the next export.
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,11 +30,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import Config, PipelineError
+from pipeline import atomic, ngrams
+from pipeline import data as data_mod
+from pipeline.config import Config, load_config
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
-from pipeline.model import build_model, logit_fn, model_kwargs
-from pipeline.ngrams import NgramModel, blend_logit
-from pipeline.vectorize import texts_to_padded_ids
+from pipeline.errors import PipelineError
+from pipeline.model import build_model, load_weights, logit_fn, model_kwargs
+from pipeline.ngrams import NgramModel
+from pipeline.runs import CONFIG_FILE, EXPORT_FILE, NGRAMS_FILE, VOCAB_FILE, WEIGHTS_FILE
+from pipeline.scoring import in_memory_predict, served_probability
+from pipeline.vectorize import load_vocabulary, make_vectorizer
 
 log = logging.getLogger(__name__)
 
@@ -75,59 +85,6 @@ class ExportResult:
     version: int
     max_abs_diff: float
     checked_texts: int
-
-
-def score_texts(vectorizer: keras.layers.TextVectorization, model: keras.Model, texts: list[str],
-                max_length: int, ngram: NgramModel | None = None, batch_size: int = 256,
-                graph: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """The LSTM's logits of `texts` and, given a branch, the n-gram regression's, in input order.
-
-    Reviews of similar length share a batch, so the LSTM runs over little padding.
-    `graph=False` runs eagerly: slower, but traced by nothing that the export traces.
-    """
-    lstm_logit = functools.partial(logit_fn(model), training=False)
-    branch = ngram.layer if ngram is not None else None
-    if graph:
-        lstm_logit = tf.function(lstm_logit, input_signature=[tf.TensorSpec([None, None], tf.int64)])
-        if branch is not None:
-            branch = tf.function(branch, input_signature=[tf.TensorSpec([None], tf.string)])
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    z_lstm, z_ngram = np.zeros(len(texts)), np.zeros(len(texts))
-    for start in range(0, len(texts), batch_size):
-        index = order[start:start + batch_size]
-        batch = tf.constant([texts[i] for i in index], dtype=tf.string)
-        z_lstm[index] = lstm_logit(texts_to_padded_ids(vectorizer, batch, max_length)).numpy()
-        if branch is not None:
-            z_ngram[index] = branch(batch).numpy()
-    return z_lstm, (z_ngram if branch is not None else None)
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def served_probabilities(z_lstm: np.ndarray, z_ngram: np.ndarray | None, ngram: NgramModel | None
-                         ) -> np.ndarray:
-    """The served probability from the parts' logits (`score_texts`): the blend, or the LSTM's."""
-    return sigmoid(z_lstm if ngram is None else blend_logit(z_lstm, z_ngram, ngram.blend))
-
-
-def served_probability(vectorizer: keras.layers.TextVectorization, lstm_logit,
-                       ngram: NgramModel | None, text: tf.Tensor, max_length: int) -> tf.Tensor:
-    """Raw strings -> probability in TensorFlow ops: the export's signature and the bench's
-    in-memory comparison trace this one function."""
-    logit = lstm_logit(texts_to_padded_ids(vectorizer, text, max_length))
-    if ngram is not None:
-        logit = blend_logit(logit, ngram.layer(text), ngram.blend)
-    return tf.sigmoid(tf.cast(logit, tf.float32))
-
-
-def in_memory_predict(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                      texts: list[str], max_length: int, ngram: NgramModel | None = None
-                      ) -> np.ndarray:
-    """Probabilities from the in-memory vectorizer, model and n-gram branch: the export's reference."""
-    z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram, graph=False)
-    return served_probabilities(z_lstm, z_ngram, ngram)
 
 
 def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
@@ -234,10 +191,26 @@ def clear_stale_temps(model_dir: Path) -> list[Path]:
     return removed
 
 
+# The operating system's own words for a failed write ("No space left on device", ...),
+# longest first, so that one containing another is found whole.
+_OS_CAUSES = sorted({os.strerror(n) for n in errno.errorcode}, key=len, reverse=True)
+
+
+def _write_cause(exc: BaseException) -> str:
+    """Why a write failed, in a few words: TensorFlow's message also names the op, the
+    device and a temporary file (`{{function_node __wrapped__SaveV2...}} /path...; No space
+    left on device [Op:SaveV2]`), none of which helps the user."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = exc.message if isinstance(exc, tf.errors.OpError) else str(exc)
+    text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\].*", "", text or "")
+    lines = text.strip().splitlines()
+    found = next((cause for cause in _OS_CAUSES if cause in text), None)
+    return found or (lines[0][:200] if lines else type(exc).__name__)
+
+
 def _cannot_write(model_dir: Path, exc: BaseException) -> ExportError:
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-        exc.message if isinstance(exc, tf.errors.OpError) else str(exc))
-    why = (why or type(exc).__name__).strip().splitlines()[0]
+    why = _write_cause(exc)
     return ExportError(f"cannot write the export to {model_dir}: {why}; nothing was published "
                        "(free space or fix permissions, then run `make export`)")
 
@@ -332,4 +305,26 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
 
 
 def save_result(result: ExportResult, path: Path) -> None:
-    path.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    atomic.write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+
+
+def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model,
+                                      NgramModel | None]:
+    """Rebuild a finished run's config, vectorizer, trained model and n-gram branch (if any)."""
+    cfg = load_config(run_dir / CONFIG_FILE)
+    vectorizer = make_vectorizer(cfg.vectorize, load_vocabulary(run_dir / VOCAB_FILE))
+    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
+    load_weights(model, run_dir / WEIGHTS_FILE)
+    ngram = ngrams.load(run_dir / NGRAMS_FILE) if cfg.ngrams.enabled else None
+    return cfg, vectorizer, model, ngram
+
+
+def export_run(run_dir: Path, export_dir: str | None = None) -> ExportResult:
+    """Export a finished run again (a new version) without retraining."""
+    cfg, vectorizer, model, ngram = load_run(run_dir)
+    if export_dir is not None:
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": export_dir})})
+    raw = data_mod.load_raw(cfg.data, cfg.seed)
+    result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram)
+    save_result(result, run_dir / EXPORT_FILE)
+    return result

@@ -1,7 +1,7 @@
 """`make gpu-check`: on a GPU, is the LSTM on cuDNN, how fast is an epoch, does the export serve on CPUs.
 
 Without a GPU it says so in one line. The graph helpers here (op types of a traced
-training step or of a SavedModel) are also what `tests/test_gpu.py` uses to prove
+training step or of a SavedModel) are also what `tests/test_gpu_check.py` uses to prove
 the GPU path on a CPU, by making Keras believe a GPU is present while tracing.
 """
 
@@ -17,9 +17,17 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 
-from pipeline.bench import EpochTimer  # a GPU bench: the same per-epoch clock as `make bench`
+from pipeline import atomic
+from pipeline import data as data_mod
 from pipeline.config import Config
+from pipeline.distribute import make_strategy, seed_everything
+from pipeline.errors import PipelineError
+from pipeline.export import check_texts, export_model
+from pipeline.model import EpochTimer, build_model, model_kwargs
+from pipeline.vectorize import adapt_vectorizer, vectorize_split
 
 CUDNN_OP_PREFIX = "CudnnRNN"
 _CUDNN_FORWARD = re.compile(r"^CudnnRNN(V\d+)?$")  # forward kernels; backprop ops are extra
@@ -48,8 +56,6 @@ def cudnn_forward_count(op_types: Iterable[str]) -> int:
 
 
 def _saved_model(export_path: str | Path):
-    from tensorflow.core.protobuf import saved_model_pb2
-
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString((Path(export_path) / "saved_model.pb").read_bytes())
     return saved
@@ -62,8 +68,6 @@ def saved_model_op_types(export_path: str | Path) -> list[str]:
 
 def half_precision_ops(export_path: str | Path) -> list[str]:
     """Op types in a SavedModel that compute in float16 (a `T` or `DstT` attribute of DT_HALF)."""
-    from tensorflow.core.framework import types_pb2
-
     return [node.op for meta in _saved_model(export_path).meta_graphs
             for node in graph_nodes(meta.graph_def)
             if any(node.attr[k].type == types_pb2.DT_HALF for k in ("T", "DstT") if k in node.attr)]
@@ -121,8 +125,6 @@ def _gpus_hidden() -> Iterator[None]:
 
 def _time_training(cfg: Config, strategy, vectorizer, train_ds, mixed: bool, epochs: int,
                    n: int) -> tuple[keras.Model, dict]:
-    from pipeline.model import build_model, model_kwargs
-
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     with strategy.scope():
         model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
@@ -142,9 +144,6 @@ def _time_training(cfg: Config, strategy, vectorizer, train_ds, mixed: bool, epo
 
 def _check_export(cfg: Config, vectorizer, model: keras.Model, texts: list[str]) -> dict:
     """Export to a temporary folder and reload it in a child process that sees no GPU."""
-    from pipeline.config import PipelineError
-    from pipeline.export import export_model
-
     with tempfile.TemporaryDirectory(prefix="gpu-check-export-") as tmp:
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": tmp})})
         try:
@@ -160,12 +159,6 @@ def _check_export(cfg: Config, vectorizer, model: keras.Model, texts: list[str])
 
 def run_gpu_check(cfg: Config, train_examples: int, epochs: int) -> dict:
     """Devices, cuDNN use, seconds per epoch without and with mixed precision, the export check."""
-    from pipeline import data as data_mod
-    from pipeline.distribute import make_strategy
-    from pipeline.export import check_texts
-    from pipeline.runs import seed_everything
-    from pipeline.vectorize import adapt_vectorizer, vectorize_split
-
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_train_examples": train_examples})})
     # Mixed precision is set per leg below, so the strategy is made without it.
     strategy = make_strategy(cfg.distribute.model_copy(update={"mixed_precision": False}))
@@ -226,13 +219,10 @@ def passed(result: dict) -> bool:
 
 
 def write_results(result: dict, json_path: Path) -> Path:
-    """`<json>` and the table beside it as `.md`, each written to a temp name and renamed."""
+    """`<json>` and the table beside it as `.md`, each all or nothing."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path = json_path.with_suffix(".md")
-    for path, text in ((json_path, json.dumps(result, indent=2) + "\n"),
-                       (md_path, markdown_table(result))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(md_path, markdown_table(result))
     return md_path
 

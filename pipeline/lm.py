@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
+from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.runs import fingerprint
 from pipeline.vectorize import adapt_vectorizer
@@ -137,9 +138,8 @@ class BiLM:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez adds .npz to a name without it
+        np.savez(tmp, **arrays)
 
 
 def _lm_corpus(cfg: Config) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -1,17 +1,26 @@
 """The classifier: Embedding (mask_zero) -> LSTM (optionally bidirectional, stacked) -> Dense(1).
 
 LSTM arguments stay at the defaults the cuDNN kernel needs (tanh/sigmoid,
-recurrent_dropout=0, unroll=False); inputs are right-padded with masks.
+recurrent_dropout=0, unroll=False); inputs are right-padded with masks. Beside the
+builder: what every caller of `fit` shares (the progress setting, the parameter count,
+an epoch clock) and loading trained weights for evaluation or export.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
 
 from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def build_model(
@@ -222,3 +231,44 @@ def model_kwargs(cfg: ModelConfig) -> dict:
         embedding_trainable=cfg.embedding_trainable,
         pretrained_lr_scale=cfg.pretrained_lr_scale,
     )
+
+
+def trainable_params(model: keras.Model) -> int:
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def fit_verbosity(verbose: int | None) -> int:
+    """Keras' `verbose` for `train.verbose`: None is a progress bar on a terminal, one line
+    per epoch otherwise (a bar's redraws fill a log file)."""
+    if verbose is not None:
+        return verbose
+    return 1 if sys.stdout.isatty() else 2
+
+
+def load_weights(model: keras.Model, path: Path) -> None:
+    """Load trained weights into a model that will be evaluated or exported, not trained.
+
+    The weights file also holds the optimizer's state. A model that has not trained in
+    this process has an unbuilt optimizer, which Keras then skips with a two-line warning;
+    evaluation and export need no optimizer state, so that one warning is not shown.
+    """
+    with warnings.catch_warnings():
+        if not model.optimizer or not model.optimizer.built:
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer",
+                                    category=UserWarning)
+        model.load_weights(str(path))
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of each epoch, for the bench and the GPU check."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._t)
+        log.info("epoch %d: %.0f s", epoch + 1, self.seconds[-1])

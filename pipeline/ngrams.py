@@ -2,8 +2,8 @@
 
 A BiLSTM and a linear model over word n-grams make different mistakes: the first reads
 order and negation across a review, the second weighs every phrase of it at once. Their
-logits, combined by a logistic regression fitted on the validation split (stacking), beat
-either alone (BENCHMARKS.md). The linear model is NBSVM-style (Wang & Manning 2012):
+logits, combined by a logistic regression fitted on the validation split (stacking, in
+`pipeline.scoring`), beat either alone (BENCHMARKS.md). The linear model is NBSVM-style (Wang & Manning 2012):
 
     counts of 1..order-grams -> sublinear tf (1 + log count) x idf -> L2 norm -> x NB ratio
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import sparse
 
+from pipeline.atomic import atomic_path
 from pipeline.config import NgramsConfig
 from pipeline.vectorize import standardize
 
@@ -160,31 +160,13 @@ def fit(texts: list[str], labels: np.ndarray, cfg: NgramsConfig) -> NgramModel:
     return NgramModel(vocabulary, idf, weights, float(regression.intercept_[0]), cfg.order)
 
 
-def fit_blend(lstm_logits: np.ndarray, ngram_logits: np.ndarray, labels: np.ndarray
-              ) -> tuple[float, float, float]:
-    """Weights of the two logits and an intercept: a logistic regression on held-out reviews."""
-    from sklearn.linear_model import LogisticRegression
-
-    stacked = LogisticRegression().fit(np.c_[lstm_logits, ngram_logits], labels)
-    a, b = (float(w) for w in stacked.coef_.ravel())
-    return a, b, float(stacked.intercept_[0])
-
-
-def blend_logit(lstm_logit, ngram_logit, blend: tuple[float, float, float]):
-    """The served logit: works on NumPy arrays and on tensors alike."""
-    a, b, c = blend
-    return a * lstm_logit + b * ngram_logit + c
-
-
 def save(m: NgramModel, path: Path) -> None:
-    """One .npz (vocabulary included), written to a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        # n-grams never hold a newline (they are split on whitespace): one UTF-8 buffer, no pickle
-        vocabulary = np.frombuffer("\n".join(m.vocabulary).encode("utf-8"), dtype=np.uint8)
+    """One .npz (vocabulary included), all or nothing."""
+    # n-grams never hold a newline (they are split on whitespace): one UTF-8 buffer, no pickle
+    vocabulary = np.frombuffer("\n".join(m.vocabulary).encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.savez(f, vocabulary=vocabulary, idf=m.idf, weights=m.weights,
                  bias=m.bias, order=m.order, blend=np.array(m.blend))
-    os.replace(tmp, path)
 
 
 def load(path: Path) -> NgramModel:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from pipeline.config import PipelineError
 from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
+from pipeline.errors import PipelineError
 
 CHUNK = 1024  # reviews per call, so a long stdin stream never sits in memory at once
 

@@ -7,6 +7,7 @@ cached under `pretrain.directory`, keyed by everything that shapes them.
 
 from __future__ import annotations
 
+import glob
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -16,8 +17,11 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import data as data_mod
-from pipeline.config import Config, ConfigError
+from pipeline.atomic import atomic_path
+from pipeline.config import Config
 from pipeline.embeddings import reduce_dim
+from pipeline.errors import ConfigError
+from pipeline.lm import load_lm, train_lm
 from pipeline.runs import fingerprint
 from pipeline.vectorize import standardize
 
@@ -90,13 +94,14 @@ def train_word2vec(cfg: Config) -> Path:
 
 
 def _save_vectors(kv, path: Path) -> None:
-    """Save KeyedVectors under a temp name, then rename: a kill never leaves a half file."""
+    """Save KeyedVectors all or nothing: a kill never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    kv.save(str(tmp))
-    for extra in tmp.parent.glob(tmp.name + ".*"):  # large arrays may go to side files
-        extra.rename(path.with_name(path.name + extra.name[len(tmp.name):]))
-    tmp.rename(path)
+    with atomic_path(path) as tmp:
+        kv.save(str(tmp))
+        # Large arrays may go to side files named after the main one; they are in place
+        # before the main file appears, which is what a later run looks for.
+        for extra in tmp.parent.glob(glob.escape(tmp.name) + ".*"):
+            extra.rename(path.with_name(path.name + extra.name[len(tmp.name):]))
 
 
 def word2vec_for_size(cfg: Config, dim: int) -> Path:
@@ -152,8 +157,6 @@ def initial_weights(cfg: Config, vocabulary: list[str]) -> dict:
     if init == "random":
         return {}
     if init == "lm":
-        from pipeline.lm import load_lm, train_lm
-
         lm, _ = load_lm(train_lm(cfg))
         lookup = dict(zip(lm.vocabulary, lm.embedding, strict=True))
         return {"embedding_matrix": vocabulary_matrix(lookup, vocabulary, cfg.model.embedding_dim,

@@ -31,7 +31,9 @@ from typing import IO
 import keras
 import numpy as np
 
-from pipeline.config import Config, PipelineError, stop_signal
+from pipeline import atomic
+from pipeline.config import Config
+from pipeline.errors import PipelineError, stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write via a temp file and rename, so a kill never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Write all or nothing, so a kill never leaves half a file."""
+    atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def fingerprint(obj: dict) -> str:
@@ -102,17 +102,6 @@ def run_fingerprint(cfg: Config, data_identity: dict) -> str:
         section, _, name = key.rpartition(".")
         (d[section] if section else d).pop(name)
     return fingerprint(d | {"data_identity": data_identity})
-
-
-def seed_everything(cfg: Config) -> None:
-    """Seed Python, NumPy and TensorFlow; op determinism where it holds (`train.deterministic`)."""
-    from pipeline.distribute import resolve_deterministic
-
-    keras.utils.set_random_seed(cfg.seed)
-    if resolve_deterministic(cfg.train.deterministic):
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
 
 
 # --- locks --------------------------------------------------------------------------------------
@@ -310,12 +299,10 @@ def tidy_history(history: Path, epochs_done: int) -> None:
         epoch = row.get("epoch") or ""
         if epoch.isdigit() and int(epoch) < epochs_done and None not in row.values():
             kept[int(epoch)] = row  # the last complete row of an epoch wins
-    tmp = history.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic.atomic_path(history) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept[e] for e in sorted(kept))
-    tmp.replace(history)
 
 
 def _readable_h5(path: Path) -> bool:
@@ -334,12 +321,6 @@ def _readable_h5(path: Path) -> bool:
     return True
 
 
-def _copy_over(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def restored_epoch(backup_dir: Path) -> int:
     """Epochs completed by the backup that `fit` will resume from (0 without one).
 
@@ -354,9 +335,9 @@ def restored_epoch(backup_dir: Path) -> int:
             raise ResumeError(f"the backup {weights} cannot be read and there is no readable "
                               "copy before it: start over with --fresh")
         log.warning("the latest backup %s cannot be read; resuming from the copy before it", weights)
-        _copy_over(prev_weights, weights)
+        atomic.copy_file(prev_weights, weights)
         if prev_meta.is_file():
-            _copy_over(prev_meta, meta)
+            atomic.copy_file(prev_meta, meta)
         else:  # the previous copy predates the first epoch's record
             meta.unlink(missing_ok=True)
     return int(read_json(meta).get("epoch", 0))

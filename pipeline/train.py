@@ -1,10 +1,12 @@
 """The training spine: data -> vectorize (+ distillation's soft targets) -> model -> fit ->
 n-gram branch -> evaluate -> export.
 
-`train(cfg)` reads top to bottom in that order. The bookkeeping (the run directory and
-its lock, the run record, the resume state) lives in `pipeline.runs`; each run has its
-own directory `runs/<name>/<time>-<fingerprint>/` holding the resolved config,
-vocabulary, checkpoints, history, TensorBoard logs, metrics and export record.
+`train(cfg)` reads top to bottom in that order, each step a call into its module: scoring,
+the blend and the metrics live in `pipeline.scoring`, the export in `pipeline.export`, the
+bookkeeping (the run directory and its lock, the run record, the resume state) in
+`pipeline.runs`. Each run has its own directory `runs/<name>/<time>-<fingerprint>/`
+holding the resolved config, vocabulary, checkpoints, history, TensorBoard logs, metrics
+and export record.
 
 A rerun of the same config resumes its newest unfinished run (unless `fresh=True`):
 from the last completed epoch while it was training, at the evaluation and export once
@@ -14,14 +16,11 @@ training had finished. Tuned hyperparameters arrive already applied to `cfg`
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import hashlib
 import logging
 import math
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +31,16 @@ import tensorflow as tf
 
 from pipeline import data as data_mod
 from pipeline import distill, ngrams
+from pipeline.atomic import atomic_path
 from pipeline.compat import fix_keras_multi_worker
-from pipeline.config import Config, TrainConfig, load_config, save_config
-from pipeline.constants import THRESHOLD
+from pipeline.config import Config, TrainConfig, save_config
 from pipeline.distribute import (
     WorkerBackupAndRestore,
     gather_from_workers,
     is_chief,
     make_strategy,
     num_workers,
+    seed_everything,
     shard_by_data,
     strategy_name,
     task_name,
@@ -51,13 +51,19 @@ from pipeline.export import (
     check_texts,
     check_writable,
     export_model,
+    load_run,
     save_result,
-    score_texts,
-    served_probabilities,
-    sigmoid,
 )
-from pipeline.model import PretrainedSchedule, build_model, model_kwargs
+from pipeline.model import (
+    PretrainedSchedule,
+    build_model,
+    fit_verbosity,
+    load_weights,
+    model_kwargs,
+    trainable_params,
+)
 from pipeline.pretrain import initial_weights
+from pipeline.report import plot_curves
 from pipeline.runs import (
     BACKUP_DIR,
     BEST_FILE,
@@ -79,10 +85,10 @@ from pipeline.runs import (
     open_worker_run,
     restored_epoch,
     run_fingerprint,
-    seed_everything,
     tidy_history,
     write_json,
 )
+from pipeline.scoring import blend_logit, evaluate, fit_ngram_branch, score_texts
 from pipeline.vectorize import (
     adapt_vectorizer,
     load_vocabulary,
@@ -174,7 +180,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
                                 decay_steps=decay_steps, **pretrained)
         fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
         run.update(global_batch=global_batch, learning_rate=lr,
-                   trainable_params=int(sum(np.prod(w.shape) for w in model.trainable_weights)))
+                   trainable_params=trainable_params(model))
 
         # Fit, unless an earlier session of this run got through it.
         t_fit = time.time()
@@ -249,7 +255,7 @@ def served_teacher(cfg: Config, teacher_dir: Path) -> distill.Teacher:
     def logits_of(texts: list[str]) -> np.ndarray:  # loaded only when the scores are not cached
         teacher_cfg, vectorizer, model, branch = load_run(teacher_dir)
         z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
-        return z_lstm if branch is None else ngrams.blend_logit(z_lstm, z_ngram, branch.blend)
+        return z_lstm if branch is None else blend_logit(z_lstm, z_ngram, branch.blend)
 
     branch_file = teacher_dir / NGRAMS_FILE
     return distill.served_teacher(teacher_dir, distill.unlabelled_reviews(cfg),
@@ -317,9 +323,8 @@ def fit(cfg: Config, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.d
                  done + 1, cfg.train.epochs, done, run.dir / BACKUP_DIR)
         skip_epochs(train_ds, done)
     run.update(started_at_epoch=done + 1)
-    verbose = cfg.train.verbose if cfg.train.verbose is not None else (1 if sys.stdout.isatty() else 2)
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
-                        callbacks=make_callbacks(cfg, run.dir), verbose=verbose)
+                        callbacks=make_callbacks(cfg, run.dir), verbose=fit_verbosity(cfg.train.verbose))
     tidy_history(run.dir / HISTORY_FILE, cfg.train.epochs)
     return history
 
@@ -368,10 +373,11 @@ def keep_best_weights(model: keras.Model, run: Run) -> None:
     Safe to repeat: a resumed trained run goes through it again.
     """
     if (run.dir / BEST_FILE).is_file():
-        model.load_weights(str(run.dir / BEST_FILE))
+        load_weights(model, run.dir / BEST_FILE)
     elif run.status == "trained":  # no epoch improved on the start: the saved final weights
-        model.load_weights(str(run.dir / WEIGHTS_FILE))
-    model.save_weights(str(run.dir / WEIGHTS_FILE))
+        load_weights(model, run.dir / WEIGHTS_FILE)
+    with atomic_path(run.dir / WEIGHTS_FILE, suffix=".weights.h5") as tmp:  # Keras needs the ending
+        model.save_weights(str(tmp))
     plot_curves(run.dir / HISTORY_FILE, run.dir / CURVES_FILE)
     if run.status != "trained":
         run.update(status="trained")
@@ -393,103 +399,3 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
                               teacher.branch if teacher is not None else None)
     ngrams.save(branch, path)
     return branch
-
-
-def fit_ngram_branch(cfg: Config, vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     train: tuple[list[str], np.ndarray], validation: tuple[list[str], np.ndarray],
-                     branch: ngrams.NgramModel | None = None) -> ngrams.NgramModel:
-    """The n-gram regression on the training reviews (unless `branch` is that regression
-    already), and its blend with the trained LSTM on the validation reviews (which neither
-    model was fitted on)."""
-    t0 = time.time()
-    if branch is None:
-        log.info("n-gram branch: fitting on %d training reviews", len(train[0]))
-        branch = ngrams.fit(*train, cfg.ngrams)
-    texts, labels = validation
-    z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, branch)
-    branch = dataclasses.replace(branch, blend=ngrams.fit_blend(z_lstm, z_ngram, labels))
-    a, b, c = branch.blend
-    log.info("n-gram branch: %d n-grams in %.0fs; validation accuracy LSTM %.4f, n-grams %.4f; "
-             "blend %.3f x LSTM + %.3f x n-grams %+.3f", len(branch.vocabulary), time.time() - t0,
-             np.mean((z_lstm > 0) == labels), np.mean((z_ngram > 0) == labels), a, b, c)
-    return branch
-
-
-def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-             raw_test: tf.data.Dataset, max_length: int, ngram: ngrams.NgramModel | None) -> dict:
-    """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well."""
-    texts, labels = data_mod.decoded(raw_test)
-    z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
-    metrics = metrics_of(served_probabilities(z_lstm, z_ngram, ngram), labels)
-    if ngram is None:
-        return metrics
-    for part, z in (("lstm", z_lstm), ("ngrams", z_ngram)):
-        alone = metrics_of(sigmoid(z), labels)
-        metrics[part] = {k: alone[k] for k in ("accuracy", "auc", "loss")}
-    metrics["blend"] = dict(zip(("lstm", "ngrams", "intercept"), ngram.blend, strict=True))
-    return metrics
-
-
-def metrics_of(p: np.ndarray, y: np.ndarray) -> dict:
-    """Accuracy, precision, recall, AUC, loss and confusion matrix of probabilities `p`."""
-    pred = (p >= THRESHOLD).astype(np.int64)
-    tp, fp = int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0)))
-    tn, fn = int(np.sum((pred == 0) & (y == 0))), int(np.sum((pred == 0) & (y == 1)))
-    eps = 1e-7
-    pc = np.clip(p, eps, 1 - eps)
-    auc = keras.metrics.AUC(num_thresholds=1000)
-    auc.update_state(y, p)
-    return {
-        "examples": int(y.size),
-        "accuracy": (tp + tn) / y.size,
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "auc": float(auc.result()),
-        "loss": float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))),
-        "confusion_matrix": {"labels": ["neg", "pos"], "rows_true_cols_pred": [[tn, fp], [fn, tp]]},
-    }
-
-
-def plot_curves(history_csv: Path, out_png: Path) -> None:
-    """Loss and accuracy per epoch, train against validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with history_csv.open() as f:
-        rows = list(csv.DictReader(f))
-    epochs = [int(r["epoch"]) + 1 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(epochs, [float(r[metric]) for r in rows], "o-", label="train")
-        ax.plot(epochs, [float(r[f"val_{metric}"]) for r in rows], "o-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model,
-                                      ngrams.NgramModel | None]:
-    """Rebuild a finished run's config, vectorizer, trained model and n-gram branch (if any)."""
-    cfg = load_config(run_dir / CONFIG_FILE)
-    vectorizer = make_vectorizer(cfg.vectorize, load_vocabulary(run_dir / VOCAB_FILE))
-    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
-    model.load_weights(str(run_dir / WEIGHTS_FILE))
-    ngram = ngrams.load(run_dir / NGRAMS_FILE) if cfg.ngrams.enabled else None
-    return cfg, vectorizer, model, ngram
-
-
-def export_run(run_dir: Path, export_dir: str | None = None) -> ExportResult:
-    """Export a finished run again (a new version) without retraining."""
-    cfg, vectorizer, model, ngram = load_run(run_dir)
-    if export_dir is not None:
-        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": export_dir})})
-    raw = data_mod.load_raw(cfg.data, cfg.seed)
-    result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram)
-    save_result(result, run_dir / EXPORT_FILE)
-    return result

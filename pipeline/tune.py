@@ -1,7 +1,9 @@
 """Tuning: which embedding size gives the best model for its size? A KerasTuner search.
 
-The search space is `tune.embedding_dims` (plus `tune.lstm_units` / `dropout` /
-`learning_rate` when the config lists them). The vocabulary is adapted once and the
+The search space is `tune.embedding_dims` and `tune.embedding_init` (the embedding starts to
+compare, e.g. random against word2vec, each word2vec candidate from vectors of its own
+size; unset: `model.embedding_init` alone), plus `tune.lstm_units` / `dropout` /
+`learning_rate` when the config lists them. The vocabulary is adapted once and the
 token ids are cached once for all trials, and every trial sees the same batches in
 the same order from the same initial seed; each trial early-stops and runs under the
 training strategy; the objective is val_accuracy on the validation split carved from
@@ -26,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,19 +39,13 @@ import tensorflow as tf
 
 from pipeline import compat
 from pipeline import data as data_mod
-from pipeline.config import (
-    Config,
-    ConfigError,
-    PipelineError,
-    TuneConfig,
-    from_dict,
-    save_config,
-    stop_signal,
-)
-from pipeline.distribute import make_strategy
+from pipeline.config import Config, TuneConfig, from_dict, save_config
+from pipeline.distribute import make_strategy, seed_everything
 from pipeline.embeddings import nearest_neighbours, write_projector
-from pipeline.model import build_model, model_kwargs
-from pipeline.runs import DirLock, fingerprint, read_json, seed_everything, write_json
+from pipeline.errors import ConfigError, PipelineError, stop_signal
+from pipeline.model import build_model, fit_verbosity, model_kwargs, trainable_params
+from pipeline.pretrain import embedding_matrix
+from pipeline.runs import DirLock, fingerprint, read_json, write_json
 from pipeline.tune_report import (
     BEST_FILE,
     EMBEDDING_DIR,
@@ -106,10 +101,6 @@ def grid(space: kt.HyperParameters) -> Iterator[dict]:
         yield dict(zip(names, combo, strict=True))
 
 
-def trainable_params(model: keras.Model) -> int:
-    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
-
-
 class EmbeddingHyperModel(kt.HyperModel):
     """The thin adapter: reads the searched values from `hp`, calls the plain builder.
 
@@ -132,8 +123,6 @@ class EmbeddingHyperModel(kt.HyperModel):
         if init == "random" or self.vocabulary is None:  # no words yet: the space-only build
             return None
         if (init, dim) not in self._matrices:
-            from pipeline.pretrain import embedding_matrix
-
             d = self.cfg.to_dict()
             d["model"] |= {"embedding_init": init, "embedding_dim": dim}
             self._matrices[(init, dim)] = embedding_matrix(from_dict(d), self.vocabulary)
@@ -400,6 +389,31 @@ def make_tuner(cfg: Config, hypermodel: EmbeddingHyperModel, out: Path,
     return tuner
 
 
+def trials_to_run(oracle: kt.Oracle) -> int | None:
+    """How many trials a search of `oracle` will still train; None where the tuner decides
+    as it goes (Hyperband's rounds)."""
+    rerun = len(compat.retry_queue(oracle))  # cut off by a kill or Ctrl-C: trained again first
+    room = oracle.max_trials - len(oracle.trials) if oracle.max_trials else None
+    if isinstance(oracle, ResumableGridOracle):
+        untried = sum(1 for v in grid(oracle.hyperparameters) if not compat.is_duplicate(oracle, v))
+        return rerun + (untried if room is None else min(untried, max(room, 0)))
+    if isinstance(oracle, kt.oracles.HyperbandOracle) or room is None:
+        return None
+    return rerun + max(room, 0)
+
+
+def log_resume(oracle: kt.Oracle, out: Path) -> None:
+    """On a search reloaded from `out`: how many finished trials it keeps, how many it will run."""
+    if not oracle.trials:
+        return
+    kept = sum(1 for t in oracle.trials.values() if t.status == "COMPLETED")
+    failed = sum(1 for t in oracle.trials.values() if t.status in ("FAILED", "INVALID"))
+    to_run = trials_to_run(oracle)
+    log.info("resuming the search in %s: %d finished trial(s) kept%s, %s to run", out / PROJECT, kept,
+             f" ({failed} failed, not retried)" if failed else "",
+             "as many as Hyperband's rounds need" if to_run is None else f"{to_run} trial(s)")
+
+
 def trial_callbacks(cfg: Config, out: Path) -> list[keras.callbacks.Callback]:
     """Copied for every trial by KerasTuner; it points TensorBoard at logs/<trial>/ and adds HParams."""
     return [
@@ -441,7 +455,9 @@ def _run_search(cfg: Config, fresh: bool) -> TuneResult:
     # model up front only to register the search space.
     hypermodel = EmbeddingHyperModel(cfg, cfg.vectorize.max_tokens, lr_scale)
     tuner = make_tuner(cfg, hypermodel, out, strategy)
-    verbose = cfg.train.verbose if cfg.train.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    verbose = fit_verbosity(cfg.train.verbose)
+    if who != "worker":
+        log_resume(tuner.oracle, out)
 
     if who == "chief":
         log.info("chief: serving the search on %s:%s until the workers have run every trial",

@@ -17,6 +17,8 @@ from pathlib import Path
 import keras_tuner as kt
 import tensorflow as tf
 
+from pipeline import atomic
+from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.embeddings import neighbours_markdown
 from pipeline.runs import read_json, write_json
@@ -169,7 +171,8 @@ def plot_results(rows: list[dict], out_png: Path) -> None:
     ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
     ax.set_title("validation accuracy and model size against embedding dim")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png, suffix=".png") as tmp:  # savefig picks the format by extension
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -200,14 +203,14 @@ def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
     write_hparams_config(out / LOGS_DIR, result.space)
     if not rows:
         return
-    with (out / "results.csv").open("w", newline="") as f:
+    with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     best = result.best
     chosen = ", ".join(f"{k}={best[k]}" for k in result.space)
     space_text = "; ".join(f"{k} {v}" for k, v in result.space.items())
-    (out / "results.md").write_text(
+    atomic.write_text(out / "results.md",
         f"# Tuning {cfg.name}\n\n"
         f"{cfg.tune.tuner} search over {space_text}. Objective: val accuracy on the validation "
         f"split (never the test split), best epoch of each trial; up to {cfg.tune.epochs} epochs "

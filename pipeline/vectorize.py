@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipeline import atomic
 from pipeline.config import TrainConfig, VectorizeConfig
 
 PAD, OOV = 0, 1  # TextVectorization's reserved ids
@@ -72,7 +73,7 @@ def texts_to_padded_ids(vectorizer: keras.layers.TextVectorization, texts: tf.Te
 def save_vocabulary(vectorizer: keras.layers.TextVectorization, path: Path) -> None:
     # Ids 0 and 1 are implied by TextVectorization; store only real tokens, one per line.
     vocab = vectorizer.get_vocabulary(include_special_tokens=False)
-    path.write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
+    atomic.write_text(path, "".join(f"{token}\n" for token in vocab))
 
 
 def load_vocabulary(path: Path) -> list[str]:

@@ -1,113 +1,62 @@
-"""Shared fixtures: tiny generated data, a tiny config, trained runs reused by several tests.
+"""Fixtures only: tiny generated data, a tiny config, trained runs reused by several tests.
 
-Under pytest-xdist (`make test-all`, `make test-slow`: `-n 2 --dist loadgroup`) the tests that share
-one of the expensive fixtures in SHARED_FIXTURES run in the same worker, one after the other in
-file order, so each of those fixtures is built once per session, as in a plain `pytest` run.
+The builders behind them are plain functions in tests/helpers.py, imported inside each
+fixture: helpers imports TensorFlow, which must wait for `pytest_configure`. Under pytest-xdist
+(`make test-all`, `make test-slow`: `-n 2 --dist loadgroup`) the tests that share one of the
+expensive fixtures in SHARED_FIXTURES run in the same worker, one after the other in file
+order, so each of those fixtures is built once per session, as in a plain `pytest` run.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.pop("TF_CONFIG", None)
+import pytest
 
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-# Two logical CPUs so MirroredStrategy can be tested without GPUs; must precede TF's init.
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-
-from pipeline.config import Config, load_config  # noqa: E402
-
-POSITIVE = "great wonderful excellent superb moving brilliant loved beautiful".split()
-NEGATIVE = "awful terrible boring dull waste poor hated ugly".split()
-NEUTRAL = "the movie film plot actor scene story was and it this a".split()
+from pipeline.config import Config, load_config
 
 
-def ctrl_c_inside_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Send Ctrl-C while TensorFlow builds an OutOfRangeError, as at an epoch's end in CI.
+def pytest_configure(config):
+    """Before any test module imports TensorFlow: its C++ start-up lines off, no cluster
+    from the environment, and two logical CPUs so MirroredStrategy can be tested without GPUs
+    (they must be set before TensorFlow initializes its devices)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.pop("TF_CONFIG", None)
+    import tensorflow as tf
 
-    The interrupt is raised inside the exception's constructor, called from C++, and pybind11
-    turns it into a RuntimeError: that is what reaches the caller, unless a handler raises
-    something else first.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT raises KeyboardInterrupt in this process while the test runs, as under a terminal.
+
+    A test run started in the background or under nohup inherits an ignored SIGINT (POSIX);
+    a test that sends itself SIGINT would then see nothing happen.
     """
-    from tensorflow.python.framework import errors_impl
-
-    build = errors_impl.OutOfRangeError.__init__
-
-    def interrupted(self, *args, **kwargs):
-        monkeypatch.setattr(errors_impl.OutOfRangeError, "__init__", build)  # once
-        os.kill(os.getpid(), signal.SIGINT)
-        build(self, *args, **kwargs)
-
-    monkeypatch.setattr(errors_impl.OutOfRangeError, "__init__", interrupted)
-    batches = iter(tf.data.Dataset.range(2))
-    step = tf.function(lambda it: next(it))
-    while True:  # until the iterator's end raises
-        step(batches)
-
-
-def make_review(rng: random.Random, label: int) -> str:
-    words = POSITIVE if label else NEGATIVE
-    body = [rng.choice(words if rng.random() < 0.4 else NEUTRAL) for _ in range(rng.randint(5, 40))]
-    return " ".join(body).capitalize() + ".<br /><br />" + rng.choice(words).upper() + "!"
-
-
-def write_aclimdb(root: Path, n_train: int = 120, n_test: int = 40, seed: int = 0) -> Path:
-    """An aclImdb-style folder: {train,test}/{pos,neg}/<id>_<stars>.txt."""
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for label, cls in enumerate(("neg", "pos")):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n // 2):
-                (folder / f"{i}_{8 if label else 2}.txt").write_text(make_review(rng, label))
-    return root
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")
 def imdb_dir(tmp_path_factory) -> Path:
+    from tests.helpers import write_aclimdb
+
     return write_aclimdb(tmp_path_factory.mktemp("aclImdb"))
-
-
-def tiny_overrides(imdb: Path, out: Path) -> list[str]:
-    return [
-        "name=tiny",
-        f"runs_dir={out / 'runs'}",
-        f"export.dir={out / 'saved_models'}",
-        "data.source=directory",
-        f"data.directory={imdb}",
-        "data.validation_fraction=0.25",
-        "vectorize.max_tokens=100",
-        "vectorize.max_length=32",
-        "model.embedding_dim=8",
-        "model.lstm_units=8",
-        "model.dropout=0.0",
-        "model.learning_rate=0.01",
-        "train.epochs=4",
-        "train.batch_size=16",
-        "train.verbose=0",
-        "train.early_stopping_patience=4",
-        f"tune.directory={out / 'tuning'}",
-    ]
 
 
 @pytest.fixture
 def tiny_cfg(imdb_dir, tmp_path) -> Config:
+    from tests.helpers import tiny_overrides
+
     return load_config(None, tiny_overrides(imdb_dir, tmp_path))
-
-
-# Resume tests (test_resume.py, test_runs.py): no early stop, so every epoch runs and an interruption
-# always lands with epochs still to go; dropout, so the restored seed states matter.
-RESUME_EPOCHS = 6
-RESUME_EXTRA = [f"train.epochs={RESUME_EPOCHS}", f"train.early_stopping_patience={RESUME_EPOCHS}",
-                "model.dropout=0.3"]
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +64,7 @@ def reference_run(imdb_dir, tmp_path_factory):
     """One uninterrupted tiny run with RESUME_EXTRA, not exported: what a resumed run must match
     exactly and a second run of the same config must equal."""
     from pipeline.train import train
+    from tests.helpers import RESUME_EXTRA, tiny_overrides
 
     cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path_factory.mktemp("reference")) + RESUME_EXTRA)
     return train(cfg, export=False)
@@ -125,6 +75,7 @@ def trained_run(imdb_dir, tmp_path_factory):
     """One finished tiny run (trained and exported) with the n-gram branch, as the default
     config ships; shared by the export tests."""
     from pipeline.train import train
+    from tests.helpers import tiny_overrides
 
     out = tmp_path_factory.mktemp("trained")
     cfg = load_config(None, tiny_overrides(imdb_dir, out) + ["ngrams.enabled=true"])

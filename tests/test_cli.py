@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import COMMANDS, INTERRUPT_HINT, main, setup_logging
-from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
+from tests.helpers import ctrl_c_inside_tensorflow, damage, tiny_overrides, tiny_tfds, write_aclimdb
 
 
 @pytest.mark.slow
@@ -52,8 +52,6 @@ def test_module_entry_point_help():
 
 
 def test_cli_unreadable_review_exits_nonzero_with_one_line(tmp_path, capsys):
-    from tests.conftest import write_aclimdb
-
     root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
     (root / "test" / "neg" / "7_1.txt").symlink_to(tmp_path / "gone.txt")
     args = ["train"]
@@ -86,6 +84,20 @@ def test_config_error_comes_before_tensorflow():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["config error: bogus: unknown key"]
     assert proc.stdout.strip() == "NO_TENSORFLOW"
+
+
+def test_export_and_the_side_commands_never_load_the_training_spine():
+    import subprocess
+    import sys
+
+    # The modules behind `export`, `bench`, `gpu-check` and `tune`, in a fresh interpreter.
+    code = ("import sys, pipeline.cli, pipeline.export, pipeline.bench, pipeline.gpu_check, "
+            "pipeline.tune; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = proc.stdout.strip().splitlines()[-1]
+    assert "'pipeline.export'" in loaded and "'pipeline.train'" not in loaded
 
 
 def _parsed_overrides(*sets: str) -> list[str]:
@@ -148,8 +160,8 @@ def test_sigterm_is_handled_like_ctrl_c(sig, code):
     assert err.strip().splitlines() == [INTERRUPT_HINT]
 
 
-def test_ctrl_c_that_tensorflow_reraises_as_another_error_is_still_an_interruption(monkeypatch,
-                                                                                    capsys):
+def test_ctrl_c_that_tensorflow_reraises_as_another_error_is_still_an_interruption(monkeypatch, capsys,
+                                                                                    default_sigint):
     with pytest.raises(RuntimeError, match="REPLACED BY KeyboardInterrupt"):  # what main meets
         ctrl_c_inside_tensorflow(monkeypatch)
 
@@ -198,8 +210,6 @@ def test_verbose_is_accepted_before_and_after_the_command():
 
 
 def test_damaged_tfds_data_stops_before_training_with_one_line(tmp_path, capsys):
-    from tests.test_data import damage, tiny_tfds
-
     bad = tiny_tfds(tmp_path / "tfds")
     damage(bad, "truncated")
     capsys.readouterr()  # tfds's progress bars while preparing

@@ -7,7 +7,7 @@ from keras.src.backend.tensorflow import trainer as tf_trainer
 from packaging.version import Version
 
 from pipeline import compat
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 GUARDS = [compat.check_multi_worker_internals, compat.check_backup_internals, compat.check_tuner_internals]
 

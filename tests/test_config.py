@@ -1,19 +1,35 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
-def test_shipped_configs_load(name):
-    cfg = load_config(ROOT / "configs" / name)
-    assert cfg.model.embedding_dim > 0
-    assert 0 < cfg.data.validation_fraction < 1
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "lm.yaml", "gpu.yaml"])
+def test_shipped_configs_load_with_every_value_they_set(name):
+    path = ROOT / "configs" / name
+    resolved = load_config(path).to_dict()
+    given = dict(_leaves(yaml.safe_load(path.read_text())))
+    assert given  # every profile sets something
+    for key, value in given.items():
+        node = resolved
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
 
 
 def test_overrides_are_typed_and_applied():

@@ -1,6 +1,5 @@
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -9,44 +8,9 @@ import tensorflow_datasets as tfds
 import pipeline.data
 from pipeline.config import DataConfig
 from pipeline.data import DataError, check_nonempty, load_raw, tfds_data_dir, unreachable
+from tests.helpers import damage, tiny_tfds, write_aclimdb
 
 REFUSED = "http://127.0.0.1:1/aclImdb_v1.tar.gz"  # nothing listens on port 1: refused at once
-
-
-class TinyReviews(tfds.core.GeneratorBasedBuilder):
-    """A tfds dataset built from memory, so a real prepared copy (tfrecord files) exists offline."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=["neg", "pos"])}),
-            supervised_keys=("text", "label"))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(60), "test": self._generate_examples(20)}
-
-    def _generate_examples(self, n):
-        for i in range(n):
-            yield i, {"text": f"review number {i} " + "good " * (i % 7), "label": i % 2}
-
-
-def tiny_tfds(data_dir: Path) -> Path:
-    """Prepare TinyReviews under `data_dir`; returns its train record file."""
-    builder = TinyReviews(data_dir=str(data_dir))
-    builder.download_and_prepare()
-    return next(Path(builder.data_dir).glob("tiny_reviews-train.tfrecord*"))
-
-
-def damage(path: Path, how: str) -> None:
-    raw = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(raw[: len(raw) // 2])
-    else:  # one flipped byte in the middle: the record's checksum no longer matches
-        i = len(raw) // 2
-        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
 
 
 def _texts(ds):
@@ -62,8 +26,13 @@ def test_tfds_source_with_mock_data():
 
 
 def test_tfds_missing_says_how_to_fix(tmp_path):
-    with pytest.raises(DataError, match="TFDS_DATA_DIR"):
+    with pytest.raises(DataError) as info:
         load_raw(DataConfig(data_dir=str(tmp_path), download="never"), seed=0)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and "TFDS_DATA_DIR" in message
+    # how a user makes a prepared copy, not where this checkout keeps one
+    assert "tfds build imdb_reviews" in message and 'tfds.load("imdb_reviews", download=True)' in message
+    assert "shared" not in message
 
 
 def test_directory_source_carves_validation_deterministically(imdb_dir):
@@ -115,8 +84,6 @@ def test_class_folders_without_reviews(tmp_path):
 
 @pytest.mark.parametrize("kind", ["directory", "broken_link"])
 def test_unreadable_review_file_is_named(tmp_path, kind):
-    from tests.conftest import write_aclimdb
-
     root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
     bad = root / "train" / "pos" / "99_9.txt"
     if kind == "directory":

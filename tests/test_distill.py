@@ -16,7 +16,7 @@ from pipeline import distill
 from pipeline.config import load_config
 from pipeline.data import decoded, load_raw
 from pipeline.train import train
-from tests.conftest import make_review, tiny_overrides, write_aclimdb
+from tests.helpers import make_review, tiny_overrides, write_aclimdb
 
 N_UNSUP = 60
 
@@ -168,8 +168,8 @@ def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_pa
 
 @pytest.mark.slow
 def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews(unsup_dir, tmp_path):
-    from pipeline.export import score_texts
-    from pipeline.train import load_run
+    from pipeline.export import load_run
+    from pipeline.scoring import blend_logit, score_texts
 
     cfg = _cfg(unsup_dir, tmp_path, "distill.teacher=served", "ngrams.enabled=true", "train.epochs=2")
     student = train(cfg, export=False)
@@ -184,7 +184,7 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     texts = distill.unlabelled_reviews(cfg)
     teacher_cfg, vectorizer, model, branch = load_run(teachers[0])
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
-    served = 1 / (1 + np.exp(-pipeline.ngrams.blend_logit(z_lstm, z_ngram, branch.blend)))
+    served = 1 / (1 + np.exp(-blend_logit(z_lstm, z_ngram, branch.blend)))
     t = distill.served_teacher(teachers[0], texts, branch, lambda _: pytest.fail("not cached"), 1.0)
     assert t.cached
     np.testing.assert_allclose(t.probabilities, served, atol=1e-5)

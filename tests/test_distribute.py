@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, DistributeConfig, PipelineError, load_config
+from pipeline.config import DistributeConfig, load_config
 from pipeline.data import data_identity
 from pipeline.distribute import (
     free_ports,
@@ -23,10 +23,11 @@ from pipeline.distribute import (
     tf_config,
     wait_all,
 )
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import build_model
 from pipeline.runs import latest_finished_run, open_run, open_worker_run, run_fingerprint
 from pipeline.train import train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 
 def test_auto_on_cpu_is_the_default_strategy():
@@ -231,7 +232,7 @@ def test_backup_is_written_atomically_and_a_truncated_one_falls_back(tmp_path):
                                     delete_checkpoint=False)  # keep it, as a kill would
     model.fit(x, y, epochs=2, verbose=0, callbacks=[backup])
     files = sorted(p.name for p in (tmp_path / "backup").iterdir())
-    assert not [f for f in files if "partial" in f]  # temp names are renamed into place
+    assert not [f for f in files if f.startswith(".")]  # temporary names are renamed into place
     # Simulate a kill mid-write of the latest copy: the epoch-1 copy must be used instead.
     latest = tmp_path / "backup" / "latest.weights.h5"
     latest.write_bytes(latest.read_bytes()[:200])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -18,10 +19,11 @@ from pipeline.export import (
     check_writable,
     clear_stale_temps,
     existing_versions,
+    export_run,
     publish,
 )
-from pipeline.train import export_run, train
-from tests.conftest import tiny_overrides
+from pipeline.train import train
+from tests.helpers import tiny_overrides
 
 # One fresh interpreter (-I: not even this project on its path) that imports only TensorFlow and
 # loads the export once, for both tests below: the round trip, and texts of every odd kind.
@@ -80,7 +82,9 @@ def test_export_round_trip_in_a_tensorflow_only_process(trained_run, tf_only_rep
     pos, neg = got["p"]
     assert 0.0 <= neg < 0.5 < pos <= 1.0  # the tiny data is easy: the model must have learnt it
     record = json.loads((result.run_dir / "export.json").read_text())
-    assert record["max_abs_diff"] <= 1e-5 and record["checked_texts"] > 0
+    assert record["max_abs_diff"] <= 1e-5
+    assert record["checked_texts"] == 32 + 5  # the first 32 test reviews and the edge cases
+    assert record == dataclasses.asdict(result.export)
 
 
 def test_signature_shapes(trained_run):
@@ -252,8 +256,17 @@ def test_check_writable_refuses_a_folder_it_cannot_write(tiny_cfg, monkeypatch):
         check_writable(tiny_cfg)
 
 
+# What TensorFlow raises when the variables cannot be written on a full disk: op, device and
+# temporary file before the cause.
+DISK_FULL = ("{{function_node __wrapped__SaveV2_dtypes_27_device_/job:localhost/replica:0/task:0/"
+             "device:CPU:0}} /exports/tiny/.tmp-export-host-1-abc/model/variables/variables_temp/"
+             "part-00000-of-00001.data-00000-of-00001.tempstate8154632468; No space left on device "
+             "[Op:SaveV2] name: ")
+
+
 @pytest.mark.parametrize("failure", [
-    tf.errors.ResourceExhaustedError(None, None, "No space left on device"),
+    tf.errors.ResourceExhaustedError(None, None, DISK_FULL),
+    tf.errors.UnknownError(None, None, "{{function_node __wrapped__X}} something odd [Op:X]"),
     PermissionError(13, "Permission denied"),
 ])
 def test_failed_write_is_one_line_and_publishes_nothing(trained_run, monkeypatch, capsys, failure):
@@ -272,9 +285,13 @@ def test_failed_write_is_one_line_and_publishes_nothing(trained_run, monkeypatch
     monkeypatch.setattr(pipeline.export, "_serving_archive", lambda *args: FailingArchive())
     assert main(["export", "--run", str(result.run_dir), "--set", f"export.dir={cfg.export.dir}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot write the export" in err[0] and "nothing was published" in err[0]
-    assert ("No space left on device" if isinstance(failure, tf.errors.OpError)
-            else "Permission denied") in err[0]
+    assert len(err) == 1 and f"cannot write the export to {model_dir}: " in err[0]
+    assert "nothing was published" in err[0]
+    cause = {tf.errors.ResourceExhaustedError: "No space left on device",
+             tf.errors.UnknownError: "something odd"}.get(type(failure), "Permission denied")
+    assert f"{model_dir}: {cause}; nothing was published" in err[0]
+    assert "function_node" not in err[0] and "[Op:" not in err[0] and ".tmp-export" not in err[0]
+    assert len(err[0]) < len(str(model_dir)) + 150
     assert sorted(p.name for p in model_dir.iterdir()) == before  # no version, no temp folder
 
 

@@ -5,10 +5,11 @@ import pytest
 
 from pipeline import data as data_mod
 from pipeline import lm as lm_mod
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.model import LayerwiseAdam, PretrainedSchedule, build_model
 from pipeline.pretrain import initial_weights
-from tests.conftest import make_review, tiny_overrides, write_aclimdb
+from tests.helpers import make_review, tiny_overrides, write_aclimdb
 
 
 @pytest.fixture(scope="module")

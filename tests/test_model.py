@@ -1,7 +1,9 @@
+import warnings
+
 import numpy as np
 import pytest
 
-from pipeline.model import MaskedMaxPooling1D, build_model
+from pipeline.model import MaskedMaxPooling1D, build_model, fit_verbosity, load_weights, trainable_params
 
 
 @pytest.mark.parametrize("pooling,bidirectional,layers", [("last", True, 1), ("max", False, 2),
@@ -66,3 +68,27 @@ def test_a_cosine_rate_falls_to_five_percent_over_its_steps_and_stays():
     np.testing.assert_allclose(rates, [0.01, 0.01 * (0.05 + 0.95 * 0.5), 0.0005, 0.0005], rtol=1e-5)
     constant = build_model(50, embedding_dim=4, lstm_units=4, learning_rate=0.01)
     assert float(constant.optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def test_weights_load_for_evaluation_without_the_optimizer_warning(tmp_path):
+    trained = build_model(10, embedding_dim=4, lstm_units=2)
+    trained.fit(np.array([[2, 3, 4], [5, 6, 0]]), np.array([1.0, 0.0]), epochs=1, verbose=0)
+    path = tmp_path / "model.weights.h5"
+    trained.save_weights(str(path))
+    # Keras' own load warns: the file holds optimizer state a fresh model has no slots for ...
+    with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+        build_model(10, embedding_dim=4, lstm_units=2).load_weights(str(path))
+    fresh = build_model(10, embedding_dim=4, lstm_units=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... this one does not, and loads every model weight
+        load_weights(fresh, path)
+    for got, want in zip(fresh.get_weights(), trained.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_trainable_params_and_fit_verbosity():
+    model = build_model(10, embedding_dim=4, lstm_units=2, bidirectional=False)
+    # embedding 10x4; LSTM 4 gates x (4 inputs + 2 units + 1 bias) x 2 units; dense 2 + 1
+    assert trainable_params(model) == 40 + 4 * (4 + 2 + 1) * 2 + 3
+    assert fit_verbosity(0) == 0 and fit_verbosity(1) == 1
+    assert fit_verbosity(None) == 2  # pytest captures stdout: not a terminal, one line per epoch

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from pipeline import ngrams
 from pipeline.config import NgramsConfig
-from tests.conftest import make_review
+from tests.helpers import make_review
 
 
 def _reviews(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -76,16 +76,3 @@ def test_branch_separates_reviews_and_round_trips(tmp_path):
     again = ngrams.load(path)
     assert again.vocabulary == model.vocabulary and again.order == model.order
     assert np.array_equal(ngrams.ngram_layer(again)(tf.constant(held_out)).numpy(), logits)
-
-
-def test_blend_weighs_the_informative_logit():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 2000)
-    informative = (2 * labels - 1) * 2.0 + rng.normal(0, 1, 2000)
-    noise = rng.normal(0, 1, 2000)
-    a, b, _ = ngrams.fit_blend(informative, noise, labels)
-    assert a > 1.0 and abs(b) < 0.2
-    blend = (0.5, 2.0, -1.0)
-    z = ngrams.blend_logit(np.array([1.0, 2.0]), np.array([0.5, -1.0]), blend)
-    assert np.allclose(z, [0.5, -2.0])
-    assert np.allclose(ngrams.blend_logit(tf.constant([1.0, 2.0]), tf.constant([0.5, -1.0]), blend), z)

@@ -3,8 +3,9 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.data import DataError
+from pipeline.errors import ConfigError
 from pipeline.pretrain import (
     Corpus,
     cache_path,
@@ -13,7 +14,7 @@ from pipeline.pretrain import (
     train_word2vec,
     word2vec_for_size,
 )
-from tests.conftest import tiny_overrides, write_aclimdb
+from tests.helpers import tiny_overrides, write_aclimdb
 
 
 def test_read_glove_and_word2vec_text_formats(tmp_path):

@@ -3,6 +3,7 @@ training, resume after an interruption, chief/worker tuning, and bad tuning conf
 
 import csv
 import json
+import logging
 import os
 import shutil
 import socket
@@ -18,9 +19,10 @@ import yaml
 
 from pipeline import tune, tune_report
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
 from pipeline.model import build_model, model_kwargs
-from tests.conftest import ctrl_c_inside_tensorflow, tiny_overrides
+from tests.helpers import ctrl_c_inside_tensorflow, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = [4, 8]
@@ -165,7 +167,8 @@ def test_changed_settings_need_fresh(searched, imdb_dir):
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys):
+def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys, caplog,
+                                                default_sigint):
     """A copy of the finished search, one more candidate listed, Ctrl-C during its trial (landing
     where TensorFlow re-raises it as a RuntimeError, which KerasTuner would take for a failed
     trial): the rerun trains that candidate only; the finished trials are kept as they were."""
@@ -189,7 +192,10 @@ def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, mo
 
     monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", fit)
     monkeypatch.setattr(tune_report, "summary", lambda r: json.dumps(r.trained))  # what this session ran
-    assert main(["tune"] + extended) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.tune"):
+        assert main(["tune"] + extended) == 0
+    assert "2 finished trial(s) kept, 1 trial(s) to run" in caplog.text  # the interrupted one
     ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [t["values"] for t in ran] == [{"embedding_dim": 16}]
     trials = _oracle_trials(out)

@@ -23,7 +23,7 @@ import tensorflow as tf
 import pipeline.export
 from pipeline.cli import main
 from pipeline.config import ModelConfig, load_config
-from pipeline.export import _serving_archive, export_model, in_memory_predict
+from pipeline.export import _serving_archive, export_model
 from pipeline.gpu_check import (
     cudnn_forward_count,
     cudnn_ops,
@@ -37,8 +37,9 @@ from pipeline.gpu_check import (
     write_results,
 )
 from pipeline.model import build_model, model_kwargs
+from pipeline.scoring import in_memory_predict
 from pipeline.vectorize import make_vectorizer
-from tests.conftest import NEGATIVE, NEUTRAL, POSITIVE
+from tests.helpers import NEGATIVE, NEUTRAL, POSITIVE
 
 _rnn = importlib.import_module("keras.src.backend.tensorflow.rnn")
 
@@ -216,7 +217,8 @@ def test_gpu_check_table_and_files_from_canned_figures(tmp_path):
 
     md = write_results(result, tmp_path / "bench_results" / "gpu_check.json")
     assert json.loads((tmp_path / "bench_results" / "gpu_check.json").read_text()) == result
-    assert md.read_text() == table and not list(md.parent.glob("*.tmp"))
+    assert md.read_text() == table
+    assert sorted(p.name for p in md.parent.iterdir()) == ["gpu_check.json", "gpu_check.md"]
 
     failed = result | {"cudnn": False, "export": {"ok": False, "error": "export check failed: 0.1"},
                        "legs": [leg | {"mixed_precision": False, "cudnn_lstm_directions": 0}]}
