@@ -100,11 +100,15 @@ def fingerprint(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+FILES_KEYS = ("train_files", "test_files", "unlabelled_files")  # paths: their data identity counts
+
+
 def data_key(data: dict) -> dict:
-    """A dumped DataConfig as fingerprints and cache names key it: LATER_DATA_KEYS left out
-    while they hold their default."""
+    """A dumped DataConfig as fingerprints and cache names key it: without the files' paths,
+    and without LATER_DATA_KEYS while they hold their default."""
     defaults = DataConfig().model_dump(mode="json")
-    return {k: v for k, v in data.items() if k not in LATER_DATA_KEYS or v != defaults[k]}
+    return {k: v for k, v in data.items()
+            if k not in FILES_KEYS and (k not in LATER_DATA_KEYS or v != defaults[k])}
 
 
 def run_fingerprint(cfg: Config, data_identity: dict) -> str:

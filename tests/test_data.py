@@ -271,14 +271,26 @@ def test_files_source_with_test_files_and_unlabelled_rows(tmp_path):
 
 
 def test_a_changed_file_is_other_data(tmp_path):
+    from pipeline.config import Config
+    from pipeline.pretrain import cache_path
+    from pipeline.runs import run_fingerprint
     from tests.conftest import review_rows, write_table
+
+    def keys(cfg):  # the run's fingerprint and its word2vec vectors' file
+        return (run_fingerprint(Config(data=cfg), pipeline.data.data_identity(cfg)),
+                cache_path(Config(data=cfg)))
 
     path = write_table(tmp_path / "r.csv", review_rows(20))
     cfg = _files_cfg(path)
     before = pipeline.data.data_identity(cfg)
-    assert pipeline.data.data_identity(_files_cfg(path, max_train_examples=3)) == before
+    assert keys(cfg) == keys(cfg)
+    moved = write_table(tmp_path / "moved.csv", review_rows(20))
+    assert pipeline.data.data_identity(_files_cfg(moved)) == before  # what it is, not where
+    fingerprint, vectors = keys(cfg)
     write_table(path, review_rows(20, seed=5))
     assert pipeline.data.data_identity(cfg) != before
+    new_fingerprint, new_vectors = keys(cfg)
+    assert new_fingerprint != fingerprint and new_vectors != vectors
 
 
 def test_unlabelled_files_are_checked_with_the_training_data(tmp_path):
