@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import Config, PipelineError
-from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.model import build_model, logit_fn, model_kwargs
 from pipeline.ngrams import NgramModel, blend_logit
 from pipeline.vectorize import texts_to_padded_ids
@@ -137,7 +137,8 @@ def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
 
 
 def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     cfg: Config, ngram: NgramModel | None = None) -> keras.export.ExportArchive:
+                     cfg: Config, ngram: NgramModel | None = None,
+                     labels: tuple[str, str] = LABELS) -> keras.export.ExportArchive:
     # A cuDNN-free, float32 copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
     # that a CPU-only server cannot run, and a mixed-precision model would compute in
     # float16, which CPUs run slowly. Its variables are float32 either way.
@@ -154,7 +155,10 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(text):
-        return {OUTPUT_NAME: served_probability(vectorizer, lstm_logit, ngram, text, max_length)}
+        probability = served_probability(vectorizer, lstm_logit, ngram, text, max_length)
+        # The user's class names beside the probability, so a client needs no threshold or mapping.
+        label = tf.where(probability >= THRESHOLD, tf.constant(labels[1]), tf.constant(labels[0]))
+        return {OUTPUT_NAME: probability, LABEL_NAME: label}
 
     archive = keras.export.ExportArchive()
     archive.track(serve_model)
@@ -297,8 +301,12 @@ def check_tolerance(model: keras.Model, tolerance: float) -> float:
 
 
 def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model, cfg: Config,
-                 check_texts: list[str], ngram: NgramModel | None = None) -> ExportResult:
-    """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure."""
+                 check_texts: list[str], ngram: NgramModel | None = None,
+                 labels: tuple[str, str] = LABELS) -> ExportResult:
+    """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure.
+
+    `labels`: the names of label 0 and 1, served as the `label` output beside `probability`.
+    """
     model_dir = Path(cfg.export.dir) / cfg.name
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +317,7 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     staged = work / "model"  # what gets published; created with the usual permissions
     try:
         try:
-            _serving_archive(vectorizer, model, cfg, ngram).write_out(str(staged), verbose=False)
+            _serving_archive(vectorizer, model, cfg, ngram, labels).write_out(str(staged), verbose=False)
             write_warmup_requests(staged, check_texts[:8], cfg.name)
         except (OSError, tf.errors.OpError) as exc:  # disk full, permissions, quota
             raise _cannot_write(model_dir, exc) from None
