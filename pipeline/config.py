@@ -24,23 +24,48 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["tfds", "directory"] = "tfds"  # tfds (prepared copy) or an aclImdb-style folder
+    # tfds (prepared copy), an aclImdb-style folder, or files: CSV, TSV or JSONL rows (docs/data.md)
+    source: Literal["tfds", "directory", "files"] = "tfds"
     tfds_name: str = "imdb_reviews"  # the tfds dataset for source=tfds
     data_dir: str | None = None  # tfds data dir; None -> $TFDS_DATA_DIR, then ~/tensorflow_datasets
     # auto: download and prepare with tfds when the data dir has no prepared copy (after a quick
     # check that the download host answers); always: leave it to tfds, no check (e.g. behind an
     # unusual proxy); never: use a prepared copy only
     download: Literal["auto", "always", "never"] = "auto"
+    text_key: str | None = None  # tfds text feature; None: the dataset's supervised keys (text)
+    label_key: str | None = None  # tfds label feature; None: the supervised keys' (label)
+    train_split: str = "train"  # tfds split to train on; validation is carved from it
+    test_split: str = "test"  # a labelled tfds split, e.g. validation where test's labels are hidden
     directory: str | None = None  # aclImdb-style folder (train/{pos,neg}, test/{pos,neg})
+    # source=files: a path or a glob each, the format from the extension: .csv, .tsv or .jsonl
+    train_files: str | None = None  # labelled rows for source=files: a path or a glob (.csv .tsv .jsonl)
+    test_files: str | None = None  # labelled rows; None: test_fraction of train_files is held out
+    unlabelled_files: str | None = None  # rows whose text feeds word2vec and the language models
+    text_column: str = "text"  # CSV/TSV header name or JSONL key of the text
+    label_column: str = "label"  # header name or JSONL key of the label: two values, strings or integers
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # without test_files, carved before validation
+    skip_bad_rows: bool = False  # rows with an empty text or label: an error, or skipped when true
+    # [negative, positive] label values; None: the two found, in sorted order (tfds: ClassLabel's)
+    labels: list[str | int] | None = None
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from train, never from test
     max_train_examples: int | None = Field(None, gt=0)  # quick runs; None = all
     max_eval_examples: int | None = Field(None, gt=0)  # caps validation and test alike
 
     @model_validator(mode="after")
-    def _directory_needs_path(self) -> DataConfig:
+    def _source_needs_path(self) -> DataConfig:
         if self.source == "directory" and not self.directory:
             raise ValueError("directory: required when source is 'directory'")
+        if self.source == "files" and not self.train_files:
+            raise ValueError("train_files: required when source is 'files' (a path or a glob)")
+        if self.labels is not None and (len(self.labels) != 2
+                                        or len({str(v) for v in self.labels}) != 2):
+            raise ValueError(f"labels: two distinct values, [negative, positive] (got {self.labels}); "
+                             "multi-class is not supported yet")
         return self
+
+    def label_names(self) -> tuple[str, str] | None:
+        """data.labels as text (a CSV holds 0 and 1 as text too), or None."""
+        return (str(self.labels[0]), str(self.labels[1])) if self.labels else None
 
 
 class VectorizeConfig(_Section):

@@ -1,7 +1,9 @@
-"""Data ingestion: raw (text, label) splits from tensorflow-datasets or an aclImdb-style folder.
+"""Data ingestion: raw (text, label) splits from tensorflow-datasets, an aclImdb-style folder,
+or CSV/TSV/JSONL files (read by `pipeline.tables`), with the names of the two labels.
 
-Validation is carved deterministically from train; the test split is touched only by
-the final evaluation.
+Validation is carved deterministically from train (and, for files without test files, the
+test split too, first); the test split is touched only by the final evaluation. How each
+source maps onto the three splits: docs/data.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from pipeline import tables
 from pipeline.config import DataConfig
+from pipeline.constants import LABELS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class RawSplits:
     validation: tf.data.Dataset
     test: tf.data.Dataset
     files: tuple[str, ...] = ()  # record files behind the splits, to name a corrupt one
+    labels: tuple[str, str] = LABELS  # the names of label 0 and label 1 (the positive one)
 
 
 def _percent(fraction: float) -> int:
@@ -100,26 +105,68 @@ def _tfds_download(cfg: DataConfig, builder) -> bool:
     return True
 
 
-def _tfds_splits(cfg: DataConfig, seed: int) -> tuple[tuple[tf.data.Dataset, ...], tuple[str, ...]]:
-    """The three splits, and the record files they read."""
+def _tfds_keys(cfg: DataConfig, info) -> tuple[str, str, bool]:
+    """(text feature, label feature, whether they are the supervised keys) of a tfds dataset."""
+    supervised = tuple(info.supervised_keys or ())[:2]
+    text_key = cfg.text_key or (supervised[0] if supervised else "text")
+    label_key = cfg.label_key or (supervised[1] if supervised else "label")
+    features = list(info.features.keys())
+    for what, key in (("text_key", text_key), ("label_key", label_key)):
+        if key not in features:
+            raise DataError(f"tfds dataset {cfg.tfds_name!r} has no feature {key!r} (features: "
+                            f"{', '.join(features)}); set data.{what}")
+    return text_key, label_key, (text_key, label_key) == supervised
+
+
+def _tfds_labels(cfg: DataConfig, info, label_key: str) -> tuple[tuple[str, str], bool]:
+    """The label names (the ClassLabel's, else data.labels or 0/1), and whether to flip the labels
+    because data.labels names the ClassLabel's classes the other way round."""
+    import tensorflow_datasets as tfds
+
+    feature = info.features[label_key]
+    given = cfg.label_names()
+    if not isinstance(feature, tfds.features.ClassLabel):
+        return given or ("0", "1"), False
+    names = tuple(feature.names)
+    if len(names) != 2:
+        more = "; multi-class is not supported yet" if len(names) > 2 else ""
+        raise DataError(f"tfds dataset {cfg.tfds_name!r}: {label_key!r} has {len(names)} "
+                        f"class(es) ({', '.join(names)}): exactly two are needed{more}")
+    if given is not None and set(given) != set(names):
+        raise DataError(f"data.labels {list(given)} are not the classes of {cfg.tfds_name!r}'s "
+                        f"{label_key!r} ({', '.join(names)})")
+    return (given or names), given is not None and given != names
+
+
+def _tfds_splits(cfg: DataConfig, seed: int
+                 ) -> tuple[tuple[tf.data.Dataset, ...], tuple[str, ...], tuple[str, str]]:
+    """The three splits, the record files they read, and the label names."""
     import tensorflow_datasets as tfds
 
     data_dir = tfds_data_dir(cfg)
     cut = _percent(cfg.validation_fraction)
-    splits = [f"train[:{cut}%]", f"train[{cut}%:]", "test"]
+    train, test = cfg.train_split, cfg.test_split
+    splits = [f"{train}[:{cut}%]", f"{train}[{cut}%:]", test]
     try:
         builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
+        text_key, label_key, supervised = _tfds_keys(cfg, builder.info)
+        labels, flip = _tfds_labels(cfg, builder.info, label_key)
         download = _tfds_download(cfg, builder)
         datasets = tuple(tfds.load(cfg.tfds_name, split=splits, data_dir=data_dir, download=download,
-                                   as_supervised=True, shuffle_files=False,
+                                   as_supervised=supervised, shuffle_files=False,
                                    read_config=tfds.ReadConfig(shuffle_seed=seed)))
     except DataError:
         raise
     except Exception as exc:  # tfds raises many types; the user needs one message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _tfds_hint(cfg, first) from exc
+    if not supervised:
+        datasets = tuple(ds.map(lambda ex: (ex[text_key], tf.cast(ex[label_key], tf.int64)))
+                         for ds in datasets)
+    if flip:
+        datasets = tuple(ds.map(lambda t, y: (t, 1 - tf.cast(y, tf.int64))) for ds in datasets)
     files = tuple(sorted(str(f) for f in Path(builder.data_dir).glob("*.tfrecord*")))
-    return datasets, files
+    return datasets, files, labels
 
 
 def _check_class_dirs(folder: Path) -> None:
@@ -165,18 +212,64 @@ def _directory_splits(cfg: DataConfig, seed: int) -> tuple[tf.data.Dataset, ...]
     return train_all.take(n_train), train_all.skip(n_train), _files_dataset(root / "test")
 
 
+def _rows_dataset(table: tables.Table, labels: np.ndarray, rows: np.ndarray) -> tf.data.Dataset:
+    """(text, label) of `rows` of `table`, in that order, read from the files on each pass."""
+    def generate():
+        yield from zip(tables.read_texts(table, rows), labels[rows].tolist(), strict=True)
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)))
+    return ds.apply(tf.data.experimental.assert_cardinality(len(rows)))
+
+
+def _files_splits(cfg: DataConfig, seed: int) -> tuple[tuple[tf.data.Dataset, ...], tuple[str, str]]:
+    """The three splits of data.train_files (and data.test_files), and the label names.
+
+    Every row is read and checked now, once; the datasets then read their rows from the
+    files by position, the training rows in a seeded random order carved as the folder
+    source carves: test (without test files) first, then validation.
+    """
+    train_paths = tables.expand(cfg.train_files or "", "train_files")
+    test_paths = tables.expand(cfg.test_files, "test_files") if cfg.test_files else None
+    if cfg.unlabelled_files:  # read in full only by pretraining: a wrong name is caught now
+        tables.check_columns(tables.expand(cfg.unlabelled_files, "unlabelled_files"), cfg.text_column)
+    table = tables.scan(train_paths, cfg.text_column, cfg.label_column, cfg.skip_bad_rows,
+                        "train_files")
+    names = tables.class_names(table, cfg.label_names(), cfg.label_column, "train_files")
+    labels = tables.binary_labels(table, names, "train_files")
+    log.info("data: %d training rows; labels %r (0) and %r (1, positive): %s", len(table), *names,
+             ", ".join(f"{v} {n}" for v, n in table.label_counts().items()))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(table))
+    if test_paths is not None:
+        test_table = tables.scan(test_paths, cfg.text_column, cfg.label_column, cfg.skip_bad_rows,
+                                 "test_files")
+        # Shuffled too, so max_eval_examples takes both classes from a file sorted by label.
+        test = _rows_dataset(test_table, tables.binary_labels(test_table, names, "test_files"),
+                             rng.permutation(len(test_table)))
+    else:
+        n_test = int(round(len(order) * cfg.test_fraction))
+        test, order = _rows_dataset(table, labels, order[:n_test]), order[n_test:]
+    n_train = int(round(len(order) * (1.0 - cfg.validation_fraction)))
+    train = _rows_dataset(table, labels, order[:n_train])
+    return (train, _rows_dataset(table, labels, order[n_train:]), test), names
+
+
 def load_raw(cfg: DataConfig, seed: int) -> RawSplits:
     """Load train / validation / test as (text, label) datasets, capped as configured."""
     files: tuple[str, ...] = ()
+    labels = LABELS
     if cfg.source == "tfds":
-        (train, val, test), files = _tfds_splits(cfg, seed)
+        (train, val, test), files, labels = _tfds_splits(cfg, seed)
+    elif cfg.source == "files":
+        (train, val, test), labels = _files_splits(cfg, seed)
     else:
         train, val, test = _directory_splits(cfg, seed)
     if cfg.max_train_examples:
         train = train.take(cfg.max_train_examples)
     if cfg.max_eval_examples:
         val, test = val.take(cfg.max_eval_examples), test.take(cfg.max_eval_examples)
-    return RawSplits(train=train, validation=val, test=test, files=files)
+    return RawSplits(train=train, validation=val, test=test, files=files, labels=labels)
 
 
 def decoded(ds: tf.data.Dataset) -> tuple[list[str], np.ndarray]:
@@ -229,21 +322,35 @@ def check_nonempty(splits: RawSplits, names: tuple[str, ...] = ("train", "valida
     return sizes
 
 
+def _no_texts() -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices(tf.constant([], tf.string))
+
+
 def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
-    """Unlabelled reviews (tfds `unsupervised` split, or aclImdb train/unsup) for pretraining."""
+    """Unlabelled reviews for pretraining: the tfds `unsupervised` split (none if the dataset
+    has no such split), aclImdb train/unsup, or data.unlabelled_files (none if not set)."""
+    if cfg.source == "files":
+        if not cfg.unlabelled_files:
+            return _no_texts()
+        paths = tables.expand(cfg.unlabelled_files, "unlabelled_files")
+        return tf.data.Dataset.from_generator(lambda: tables.stream_texts(paths, cfg.text_column),
+                                              output_signature=tf.TensorSpec([], tf.string))
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
 
         data_dir = tfds_data_dir(cfg)
         try:
             builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
+            if "unsupervised" not in builder.info.splits:
+                return _no_texts()
+            text_key, _, supervised = _tfds_keys(cfg, builder.info)
             ds = tfds.load(cfg.tfds_name, split="unsupervised", data_dir=data_dir,
-                           download=_tfds_download(cfg, builder), as_supervised=True)
+                           download=_tfds_download(cfg, builder), as_supervised=supervised)
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"cannot load the unsupervised split of {cfg.tfds_name!r}: {exc}") from exc
-        return ds.map(lambda text, _: text)
+        return ds.map(lambda text, _: text) if supervised else ds.map(lambda ex: ex[text_key])
     folder = Path(cfg.directory or "") / "train" / "unsup"
     files = sorted(str(f) for f in folder.glob("*.txt"))
     return tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string)).map(tf.io.read_file)
@@ -253,8 +360,13 @@ def data_identity(cfg: DataConfig) -> dict:
     """What the data is, not where it lies: part of a run's fingerprint. Reads no reviews.
 
     tfds: the dataset's name, version and split sizes from the prepared copy's info
-    (nothing is downloaded); a folder: a digest of its review files' names and sizes.
+    (nothing is downloaded); a folder: a digest of its review files' names and sizes;
+    files: a digest of each role's file contents, so an edited file is other data.
     """
+    if cfg.source == "files":
+        roles = {"train": cfg.train_files, "test": cfg.test_files, "unlabelled": cfg.unlabelled_files}
+        return {"source": "files"} | {role: tables.content_digest(tables.expand(pattern, f"{role}_files"))
+                                      for role, pattern in roles.items() if pattern}
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
 

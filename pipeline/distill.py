@@ -35,7 +35,7 @@ from pipeline import data as data_mod
 from pipeline import ngrams
 from pipeline.atomic import atomic_path
 from pipeline.config import Config
-from pipeline.runs import fingerprint
+from pipeline.runs import data_key, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,11 @@ def first_round(cfg: Config) -> Config:
 
 def cache_stem(cfg: Config) -> Path:
     """Where this config's teacher lives: the same data, n-gram settings and seed, the same files."""
-    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "download", "data_dir"}),
+    key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "download", "data_dir"})),
            "ngrams": cfg.ngrams.model_dump(exclude={"enabled"}), "seed": cfg.seed,
            "max_unlabelled": cfg.distill.max_unlabelled, "teacher": cfg.distill.teacher}
+    if cfg.data.source == "files":  # files are edited in place: their contents name the teacher
+        key["data_identity"] = data_mod.data_identity(cfg.data)
     return Path(cfg.pretrain.directory) / f"teacher-{cfg.distill.teacher}-{fingerprint(key)}"
 
 

@@ -33,11 +33,11 @@ import tensorflow as tf
 from pipeline import atomic, ngrams
 from pipeline import data as data_mod
 from pipeline.config import Config, load_config
-from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.errors import PipelineError
 from pipeline.model import build_model, load_weights, logit_fn, model_kwargs
 from pipeline.ngrams import NgramModel
-from pipeline.runs import CONFIG_FILE, EXPORT_FILE, NGRAMS_FILE, VOCAB_FILE, WEIGHTS_FILE
+from pipeline.runs import CONFIG_FILE, EXPORT_FILE, NGRAMS_FILE, RUN_FILE, VOCAB_FILE, WEIGHTS_FILE, read_json
 from pipeline.scoring import in_memory_predict, served_probability
 from pipeline.vectorize import load_vocabulary, make_vectorizer
 
@@ -94,7 +94,8 @@ def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
 
 
 def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     cfg: Config, ngram: NgramModel | None = None) -> keras.export.ExportArchive:
+                     cfg: Config, ngram: NgramModel | None = None,
+                     labels: tuple[str, str] = LABELS) -> keras.export.ExportArchive:
     # A cuDNN-free, float32 copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
     # that a CPU-only server cannot run, and a mixed-precision model would compute in
     # float16, which CPUs run slowly. Its variables are float32 either way.
@@ -111,7 +112,10 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(text):
-        return {OUTPUT_NAME: served_probability(vectorizer, lstm_logit, ngram, text, max_length)}
+        probability = served_probability(vectorizer, lstm_logit, ngram, text, max_length)
+        # The user's class names beside the probability, so a client needs no threshold or mapping.
+        label = tf.where(probability >= THRESHOLD, tf.constant(labels[1]), tf.constant(labels[0]))
+        return {OUTPUT_NAME: probability, LABEL_NAME: label}
 
     archive = keras.export.ExportArchive()
     archive.track(serve_model)
@@ -270,8 +274,12 @@ def check_tolerance(model: keras.Model, tolerance: float) -> float:
 
 
 def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model, cfg: Config,
-                 check_texts: list[str], ngram: NgramModel | None = None) -> ExportResult:
-    """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure."""
+                 check_texts: list[str], ngram: NgramModel | None = None,
+                 labels: tuple[str, str] = LABELS) -> ExportResult:
+    """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure.
+
+    `labels`: the names of label 0 and 1, served as the `label` output beside `probability`.
+    """
     model_dir = Path(cfg.export.dir) / cfg.name
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +290,7 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     staged = work / "model"  # what gets published; created with the usual permissions
     try:
         try:
-            _serving_archive(vectorizer, model, cfg, ngram).write_out(str(staged), verbose=False)
+            _serving_archive(vectorizer, model, cfg, ngram, labels).write_out(str(staged), verbose=False)
             write_warmup_requests(staged, check_texts[:8], cfg.name)
         except (OSError, tf.errors.OpError) as exc:  # disk full, permissions, quota
             raise _cannot_write(model_dir, exc) from None
@@ -325,6 +333,8 @@ def export_run(run_dir: Path, export_dir: str | None = None) -> ExportResult:
     if export_dir is not None:
         cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": export_dir})})
     raw = data_mod.load_raw(cfg.data, cfg.seed)
-    result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram)
+    # The names the run recorded: the data may have changed since, the model has not.
+    labels = tuple(read_json(run_dir / RUN_FILE).get("labels") or raw.labels)
+    result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, labels)
     save_result(result, run_dir / EXPORT_FILE)
     return result

@@ -28,7 +28,7 @@ import tensorflow as tf
 from pipeline import data as data_mod
 from pipeline.atomic import atomic_path
 from pipeline.config import Config
-from pipeline.runs import fingerprint
+from pipeline.runs import data_key, fingerprint
 from pipeline.vectorize import adapt_vectorizer
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,12 @@ class LMWeights:
 def cache_path(cfg: Config) -> Path:
     """Where the language models for this config live (same settings -> same file)."""
     p = cfg.pretrain
-    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "data_dir", "download"}),
+    key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "data_dir", "download"})),
            "max_tokens": cfg.vectorize.max_tokens, "embedding_dim": cfg.model.embedding_dim,
            "units": cfg.model.lstm_units, "seed": cfg.seed,
            "lm": {k: v for k, v in p.model_dump().items() if k.startswith("lm_")}}
+    if cfg.data.source == "files":  # files are edited in place: their contents name the models
+        key["data_identity"] = data_mod.data_identity(cfg.data)
     digest = fingerprint(key)
     name = f"bilm-{cfg.model.embedding_dim}e-{cfg.model.lstm_units}u-{digest}.npz"
     return Path(p.directory) / name

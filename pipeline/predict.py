@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE, THRESHOLD
+from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.errors import PipelineError
 
 CHUNK = 1024  # reviews per call, so a long stdin stream never sits in memory at once
@@ -59,10 +59,16 @@ def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
 
 
 def predict(serve, texts: Iterable[str | bytes]) -> Iterator[dict]:
-    """One `{"text", "probability", "label"}` per input, in order; bytes need not be UTF-8."""
+    """One `{"text", "probability", "label"}` per input, in order; bytes need not be UTF-8.
+
+    The label is the export's own `label` output (the class names it was trained with);
+    an export from before that output existed gets pos/neg.
+    """
     raw = (t.encode("utf-8", "surrogateescape") if isinstance(t, str) else t for t in texts)
     for chunk in _chunks(raw, CHUNK):
-        probs = serve(**{INPUT_NAME: tf.constant(chunk, dtype=tf.string)})[OUTPUT_NAME].numpy()
-        for text, p in zip(chunk, probs.tolist(), strict=True):
-            yield {"text": text.decode("utf-8", "replace"), "probability": p,
-                   "label": "pos" if p >= THRESHOLD else "neg"}
+        out = serve(**{INPUT_NAME: tf.constant(chunk, dtype=tf.string)})
+        probs = out[OUTPUT_NAME].numpy().tolist()
+        names = ([n.decode("utf-8", "replace") for n in out[LABEL_NAME].numpy()] if LABEL_NAME in out
+                 else [LABELS[p >= THRESHOLD] for p in probs])
+        for text, p, name in zip(chunk, probs, names, strict=True):
+            yield {"text": text.decode("utf-8", "replace"), "probability": p, "label": name}

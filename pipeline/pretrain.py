@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.embeddings import reduce_dim
 from pipeline.errors import ConfigError
 from pipeline.lm import load_lm, train_lm
-from pipeline.runs import fingerprint
+from pipeline.runs import data_key, fingerprint
 from pipeline.vectorize import standardize
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,13 @@ def _vector_size(cfg: Config) -> int:
 
 def cache_path(cfg: Config) -> Path:
     """Where the word2vec vectors for this config live (same settings -> same file)."""
-    key = {"data": cfg.data.model_dump(exclude={"max_eval_examples", "download"}), "size": _vector_size(cfg),
+    key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "download"})),
+           "size": _vector_size(cfg),
            "pretrain": {k: v for k, v in cfg.pretrain.model_dump().items()
                         if k not in ("directory", "vector_size") and not k.startswith("lm_")},
            "seed": cfg.seed, "tokenizer": 1}
+    if cfg.data.source == "files":  # files are edited in place: their contents name the vectors
+        key["data_identity"] = data_mod.data_identity(cfg.data)
     digest = fingerprint(key)
     return Path(cfg.pretrain.directory) / f"word2vec-{_vector_size(cfg)}d-{digest}.kv"
 
@@ -60,8 +63,9 @@ class Corpus:
         unlabelled = data_mod.unsupervised_texts(cfg.data)
         if data_mod.count(unlabelled) == 0:  # most of the corpus: say so rather than train on less
             missing = (f"no unlabelled reviews in {Path(cfg.data.directory or '') / 'train' / 'unsup'}"
-                       if cfg.data.source == "directory"
-                       else f"the unsupervised split of {cfg.data.tfds_name!r} is empty")
+                       if cfg.data.source == "directory" else "no data.unlabelled_files"
+                       if cfg.data.source == "files"
+                       else f"the unsupervised split of {cfg.data.tfds_name!r} is empty or absent")
             log.warning("word2vec: %s; training on the labelled training reviews only", missing)
         self.texts = unlabelled.concatenate(raw.train.map(lambda t, _: t))
 

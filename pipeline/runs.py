@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from pipeline import atomic
-from pipeline.config import Config
+from pipeline.config import Config, DataConfig
 from pipeline.errors import PipelineError, stop_signal
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,12 @@ RESUMABLE = ("running", "trained")
 # came from (the values themselves count). The data's identity replaces its paths.
 NOT_IN_FINGERPRINT = ("runs_dir", "export", "tune", "train.verbose", "pretrain.workers",
                       "pretrain.directory", "model.tuned_hparams", "data.data_dir", "data.directory",
-                      "data.download")
+                      "data.download", "data.train_files", "data.test_files", "data.unlabelled_files")
+# Data keys added after runs, caches and searches existed: each counts only once set away from
+# its default, so a config that leaves them alone keeps the fingerprints and cache names it had.
+LATER_DATA_KEYS = ("text_key", "label_key", "train_split", "test_split", "train_files", "test_files",
+                   "unlabelled_files", "text_column", "label_column", "test_fraction", "skip_bad_rows",
+                   "labels")
 
 
 class RunBusyError(PipelineError):
@@ -95,12 +100,24 @@ def fingerprint(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+FILES_KEYS = ("train_files", "test_files", "unlabelled_files")  # paths: their data identity counts
+
+
+def data_key(data: dict) -> dict:
+    """A dumped DataConfig as fingerprints and cache names key it: without the files' paths,
+    and without LATER_DATA_KEYS while they hold their default."""
+    defaults = DataConfig().model_dump(mode="json")
+    return {k: v for k, v in data.items()
+            if k not in FILES_KEYS and (k not in LATER_DATA_KEYS or v != defaults[k])}
+
+
 def run_fingerprint(cfg: Config, data_identity: dict) -> str:
     """The run's identity: every config key that shapes the trained weights, and the data's."""
     d = cfg.to_dict()
     for key in NOT_IN_FINGERPRINT:
         section, _, name = key.rpartition(".")
         (d[section] if section else d).pop(name)
+    d["data"] = data_key(d["data"])
     return fingerprint(d | {"data_identity": data_identity})
 
 

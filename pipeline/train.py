@@ -144,6 +144,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
                  "run" if chief else f"{task_name()} scratch dir", run.dir)
         save_config(cfg, run.dir / CONFIG_FILE)
         run.update(hyperparameters_from=provenance or {"source": "config"}, data_sizes=sizes,
+                   labels=list(raw.labels),  # [label 0, label 1 (positive)]: export and predict name them
                    strategy=strategy_name(strategy), replicas=strategy.num_replicas_in_sync,
                    workers=num_workers() if multi_worker else 1)
 
@@ -207,10 +208,11 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
                  if cfg.ngrams.enabled else None)
         log.info("evaluating on %d test reviews", sizes["test"])
         metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram)
+        metrics["confusion_matrix"]["labels"] = list(raw.labels)
         write_json(run.dir / METRICS_FILE, metrics)
         result = None
         if export:
-            result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram)
+            result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, raw.labels)
             save_result(result, run.dir / EXPORT_FILE)
         run.update(status="finished", total_seconds_this_session=round(time.time() - t0, 1),
                    peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))

@@ -45,7 +45,7 @@ from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.errors import ConfigError, PipelineError, stop_signal
 from pipeline.model import build_model, fit_verbosity, model_kwargs, trainable_params
 from pipeline.pretrain import embedding_matrix
-from pipeline.runs import DirLock, fingerprint, read_json, write_json
+from pipeline.runs import DirLock, data_key, fingerprint, read_json, write_json
 from pipeline.tune_report import (
     BEST_FILE,
     EMBEDDING_DIR,
@@ -282,6 +282,9 @@ def search_fingerprint(cfg: Config) -> str:
     d = cfg.to_dict()
     for key in ("runs_dir", "export", "distribute", "pretrain", "tune"):
         d.pop(key)
+    d["data"] = data_key(d["data"])
+    if cfg.data.source == "files":  # files are edited in place: a search on older rows is stale
+        d["data_identity"] = data_mod.data_identity(cfg.data)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("epochs", "monitor", "verbose")}
     space = searched(cfg.tune)
     d["model"] = {k: v for k, v in d["model"].items() if k not in space and k != "tuned_hparams"}

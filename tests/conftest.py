@@ -82,8 +82,22 @@ def trained_run(imdb_dir, tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.fixture(scope="session")
+def files_run(tmp_path_factory):
+    """One finished tiny run (trained and exported) on a CSV whose labels are `bad` and `good`:
+    the user's names must reach run.json, the metrics, the export and predict."""
+    from pipeline.train import train
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    out = tmp_path_factory.mktemp("files")
+    table = write_table(out / "reviews.csv", review_rows(120, ("bad", "good")))
+    cfg = load_config(None, files_overrides(table, out, "train.epochs=4"))
+    return cfg, train(cfg)
+
+
 # Fixtures that train (seconds each) and are shared by several tests, some in several files.
-SHARED_FIXTURES = ("trained_run", "reference_run", "searched", "trained_lm", "three_epoch_backup")
+SHARED_FIXTURES = ("trained_run", "reference_run", "searched", "trained_lm", "three_epoch_backup",
+                   "files_run")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks

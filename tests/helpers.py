@@ -128,3 +128,34 @@ def ctrl_c_inside_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
     step = tf.function(lambda it: next(it))
     while True:  # until the iterator's end raises
         step(batches)
+
+
+def write_table(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    """Rows as a CSV, TSV or JSONL file, the format from the extension (as data.source=files reads)."""
+    import csv
+    import json
+
+    columns = columns or list(rows[0])
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writerow(columns)
+        writer.writerows([row.get(c, "") for c in columns] for row in rows)
+    return path
+
+
+def review_rows(n: int, labels: tuple = ("neg", "pos"), seed: int = 0) -> list[dict]:
+    """`n` separable reviews as table rows {"text", "label"}, cycling through `labels` (the
+    first two: negative, positive)."""
+    rng = random.Random(seed)
+    return [{"text": make_review(rng, i % 2), "label": labels[i % len(labels)]} for i in range(n)]
+
+
+def files_overrides(train: Path, out: Path, *extra: str) -> list[str]:
+    """tiny_overrides with data.source=files on `train` in place of the folder, one epoch, and a
+    quarter of the rows left after test (a fifth) held out for validation."""
+    keep = [o for o in tiny_overrides(Path("unused"), out) if not o.startswith("data.")]
+    return keep + ["data.source=files", f"data.train_files={train}", "data.validation_fraction=0.25",
+                   "data.test_fraction=0.2", "train.epochs=1", *extra]

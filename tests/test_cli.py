@@ -224,3 +224,47 @@ def test_damaged_tfds_data_stops_before_training_with_one_line(tmp_path, capsys)
     assert len(err) == 1 and str(bad) in err[0] and "damaged" in err[0]
     assert "Epoch" not in captured.out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
+
+
+def _unbalanced(path: Path) -> None:
+    path.write_text('text,label\nA fine film,pos\n"Never closed,neg\nDull,neg\nGreat,pos\n')
+
+
+BAD_TABLES = {  # what is wrong -> (how the file is written, overrides, what the one line says)
+    "missing file": (None, [], r"data.train_files: '.*reviews.csv' does not exist"),
+    "missing column": ("rows", ["data.text_column=review"],
+                       r"no column 'review' \(columns found: 'text', 'label'\)"),
+    "one class": ("one", [], r"has 1 class\(es\) \('pos': 8 rows\): exactly two are needed"),
+    "three classes": ("three", [], r"has 3 class\(es\) \('neg': 3, 'pos': 3, 'meh': 2 rows\).*"
+                                   r"multi-class is not supported yet"),
+    "no rows": ("header", [], r"reviews.csv: no rows \(only a header\)"),
+    "empty text": ("empty", [], r"1 row\(s\) with an empty 'text' and 1 row\(s\) with an empty "
+                                r"'label' \(the first: .*line 10\).*skip_bad_rows"),
+    "unbalanced quotes": ("quotes", [], r"reviews.csv: line 3: unbalanced quotes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TABLES))
+def test_bad_table_is_one_line_exit_1_and_no_run_folder(tmp_path, capsys, case):
+    import re
+
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    how, extra, message = BAD_TABLES[case]
+    path = tmp_path / "reviews.csv"
+    rows = {"rows": review_rows(8), "one": review_rows(8, ("pos",)),
+            "three": review_rows(8, ("neg", "pos", "meh")),
+            "empty": review_rows(8) + [{"text": "", "label": "pos"}, {"text": "x", "label": " "}]}
+    if how == "header":
+        path.write_text("text,label\n")
+    elif how == "quotes":
+        _unbalanced(path)
+    elif how is not None:
+        write_table(path, rows[how])
+    args = ["train"]
+    for item in files_overrides(path, tmp_path, *extra):
+        args += ["--set", item]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()

@@ -19,7 +19,7 @@ def _leaves(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "lm.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "lm.yaml", "gpu.yaml", "example-files.yaml"])
 def test_shipped_configs_load_with_every_value_they_set(name):
     path = ROOT / "configs" / name
     resolved = load_config(path).to_dict()

@@ -94,7 +94,14 @@ def test_unreadable_review_file_is_named(tmp_path, kind):
         load_raw(DataConfig(source="directory", directory=str(root)), seed=0)
 
 
+class FakeInfo:
+    supervised_keys = ("text", "label")
+    features = {"text": tfds.features.Text(), "label": tfds.features.ClassLabel(names=["neg", "pos"])}
+
+
 class FakeBuilder:
+    info = FakeInfo()
+
     def __init__(self, prepared: bool, url: str = REFUSED):
         self._prepared, self.url_infos, self.data_dir = prepared, {url: None}, "/nowhere/imdb_reviews"
 
@@ -187,3 +194,93 @@ def test_damaged_record_file_is_named_before_any_epoch(tmp_path, how):
         check_nonempty(splits)
     message = str(info.value)
     assert str(bad) in message and "damaged" in message and len(message.splitlines()) == 1
+
+
+# --- data.source: files -------------------------------------------------------------------------
+
+
+def _files_cfg(train, **kwargs) -> DataConfig:
+    return DataConfig(source="files", train_files=str(train), validation_fraction=0.25,
+                      test_fraction=0.2, **kwargs)
+
+
+def test_files_source_carves_test_then_validation_deterministically(tmp_path):
+    from tests.helpers import review_rows, write_table
+
+    # Sorted by label, as exports often are: the carving must not take one class only.
+    rows = sorted(review_rows(100, ("bad", "good")), key=lambda r: r["label"])
+    cfg = _files_cfg(write_table(tmp_path / "r.csv", rows))
+    a, b = load_raw(cfg, seed=1), load_raw(cfg, seed=1)
+    assert a.labels == ("bad", "good")
+    assert check_nonempty(a) == {"train": 60, "validation": 20, "test": 20}
+    assert _texts(a.test) == _texts(b.test) and _texts(a.train) == _texts(b.train)
+    assert _texts(a.train) != _texts(load_raw(cfg, seed=2).train)
+    parts = [set(_texts(s)) for s in (a.train, a.validation, a.test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    for split in (a.train, a.validation, a.test):
+        assert {int(y) for _, y in split.as_numpy_iterator()} == {0, 1}
+    capped = load_raw(_files_cfg(cfg.train_files, max_train_examples=7, max_eval_examples=5), seed=1)
+    assert check_nonempty(capped) == {"train": 7, "validation": 5, "test": 5}
+
+
+def test_files_source_with_test_files_and_unlabelled_rows(tmp_path):
+    from tests.helpers import review_rows, write_table
+
+    train = write_table(tmp_path / "train.jsonl", review_rows(40, (0, 1)))  # JSON integers
+    test = write_table(tmp_path / "test.tsv", review_rows(10, (0, 1), seed=1))
+    unlabelled = write_table(tmp_path / "u.csv", [{"text": "more text"}, {"text": "and more"}])
+    cfg = _files_cfg(train, test_files=str(test), unlabelled_files=str(unlabelled))
+    splits = load_raw(cfg, seed=0)
+    assert splits.labels == ("0", "1")
+    assert check_nonempty(splits) == {"train": 30, "validation": 10, "test": 10}
+    assert sorted(_texts(splits.test)) == sorted(r["text"].encode() for r in review_rows(10, seed=1))
+    assert list(pipeline.data.unsupervised_texts(cfg).as_numpy_iterator()) == [b"more text", b"and more"]
+
+
+def test_a_changed_file_is_other_data(tmp_path):
+    from pipeline.config import Config
+    from pipeline.pretrain import cache_path
+    from pipeline.runs import run_fingerprint
+    from tests.helpers import review_rows, write_table
+
+    def keys(cfg):  # the run's fingerprint and its word2vec vectors' file
+        return (run_fingerprint(Config(data=cfg), pipeline.data.data_identity(cfg)),
+                cache_path(Config(data=cfg)))
+
+    path = write_table(tmp_path / "r.csv", review_rows(20))
+    cfg = _files_cfg(path)
+    before = pipeline.data.data_identity(cfg)
+    assert keys(cfg) == keys(cfg)
+    moved = write_table(tmp_path / "moved.csv", review_rows(20))
+    assert pipeline.data.data_identity(_files_cfg(moved)) == before  # what it is, not where
+    fingerprint, vectors = keys(cfg)
+    write_table(path, review_rows(20, seed=5))
+    assert pipeline.data.data_identity(cfg) != before
+    new_fingerprint, new_vectors = keys(cfg)
+    assert new_fingerprint != fingerprint and new_vectors != vectors
+
+
+def test_unlabelled_files_are_checked_with_the_training_data(tmp_path):
+    from pipeline.tables import TableError
+    from tests.helpers import review_rows, write_table
+
+    train = write_table(tmp_path / "r.csv", review_rows(20))
+    unlabelled = write_table(tmp_path / "u.csv", [{"body": "x"}])
+    with pytest.raises(TableError, match=r"u.csv: no column 'text' \(columns found: 'body'\)"):
+        load_raw(_files_cfg(train, unlabelled_files=str(unlabelled)), seed=0)
+
+
+def test_tfds_source_with_other_keys_splits_and_class_names():
+    # glue/sst2: the text is `sentence`, and test's labels are hidden, so validation scores.
+    cfg = DataConfig(tfds_name="glue/sst2", text_key="sentence", test_split="validation",
+                     download="never")
+    with tfds.testing.mock_data(num_examples=12):
+        splits = load_raw(cfg, seed=0)
+        text, label = next(iter(splits.test))
+        flipped = load_raw(cfg.model_copy(update={"labels": ["positive", "negative"]}), seed=0)
+        flipped_label = next(iter(flipped.test))[1]
+        assert pipeline.data.count(pipeline.data.unsupervised_texts(cfg)) == 0  # sst2 has none
+    assert splits.labels == ("negative", "positive") and flipped.labels == ("positive", "negative")
+    assert text.dtype == tf.string and label.dtype == tf.int64 and int(flipped_label) == 1 - int(label)
+    with pytest.raises(DataError, match=r"no feature 'review' \(features: .*sentence.*set data.text_key"):
+        load_raw(cfg.model_copy(update={"text_key": "review"}), seed=0)

@@ -36,6 +36,7 @@ round_trip = {
     "inputs": {k: v.dtype.name for k, v in sig.structured_input_signature[1].items()},
     "outputs": sorted(out),
     "p": out["probability"].numpy().tolist(),
+    "label": [name.decode() for name in out["label"].numpy()],
 }
 odd = {
     "empty": [b""],
@@ -78,7 +79,8 @@ def test_export_round_trip_in_a_tensorflow_only_process(trained_run, tf_only_rep
     got = tf_only_report["round_trip"]
     assert not [m for m in tf_only_report["mods"] if m.startswith("pipeline")]
     assert got["inputs"] == {"text": "string"}
-    assert got["outputs"] == ["probability"]
+    assert got["outputs"] == ["label", "probability"]
+    assert got["label"] == ["pos", "neg"]  # imdb's own names when the data names none
     pos, neg = got["p"]
     assert 0.0 <= neg < 0.5 < pos <= 1.0  # the tiny data is easy: the model must have learnt it
     record = json.loads((result.run_dir / "export.json").read_text())
@@ -359,3 +361,13 @@ def test_kill_during_export_leaves_only_a_temp_folder_the_next_export_clears(tmp
         parent.kill()
     assert clear_stale_temps(tmp_path) == [pid_file.parent]
     assert not list(tmp_path.iterdir())
+
+
+def test_the_export_serves_the_users_label_names(files_run):
+    _, result = files_run
+    sig = tf.saved_model.load(result.export.path).signatures["serving_default"]
+    out = sig(text=tf.constant(["A wonderful superb film!", "Awful boring waste.", ""]))
+    assert out["label"].dtype == tf.string and out["probability"].dtype == tf.float32
+    names = [n.decode() for n in out["label"].numpy()]
+    assert names[:2] == ["good", "bad"]  # separable tiny data
+    assert names == ["good" if p >= 0.5 else "bad" for p in out["probability"].numpy()]

@@ -133,3 +133,12 @@ def test_predict_into_a_closed_pipe_is_a_quiet_exit(trained_run, tmp_path):
     assert proc.wait(timeout=300) == 141
     assert json.loads(first)["label"] == "pos"
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
+def test_predict_prints_the_users_label_names(files_run, capsys):
+    _, result = files_run
+    assert main(["predict", "--model", result.export.path, "A wonderful superb film!",
+                 "Awful boring waste."]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [row["label"] for row in rows] == ["good", "bad"]
+    assert rows[0]["probability"] >= 0.5 > rows[1]["probability"]

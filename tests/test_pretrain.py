@@ -138,3 +138,16 @@ def test_word2vec_reads_the_unlabelled_reviews_without_a_warning(tmp_path, caplo
         corpus = Corpus(cfg)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert sum(1 for _ in corpus) == 95
+
+
+def test_word2vec_reads_the_unlabelled_files_and_the_training_rows(tmp_path, caplog):
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    train = write_table(tmp_path / "train.csv", review_rows(40))
+    unlabelled = write_table(tmp_path / "more.jsonl", [{"text": f"an unlabelled text {i}"} for i in range(5)]
+                             + [{"text": ""}])
+    cfg = load_config(None, files_overrides(train, tmp_path, f"data.unlabelled_files={unlabelled}"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
+        corpus = Corpus(cfg)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(1 for _ in corpus) == 5 + 24  # the non-empty unlabelled rows, then train (40 - 8 - 8)

@@ -71,7 +71,8 @@ def test_run_fingerprint_ignores_what_does_not_shape_the_weights(imdb_dir, tmp_p
 
 
 @pytest.mark.parametrize("change", ["model.lstm_units=9", "seed=1", "train.batch_size=8",
-                                    "data.max_train_examples=50", "vectorize.max_tokens=99"])
+                                    "data.max_train_examples=50", "vectorize.max_tokens=99",
+                                    "data.labels=[pos, neg]", "data.train_split=validation"])
 def test_run_fingerprint_covers_what_shapes_the_weights(imdb_dir, tmp_path, change):
     base = load_config(None, tiny_overrides(imdb_dir, tmp_path))
     assert _fp(load_config(None, tiny_overrides(imdb_dir, tmp_path) + [change])) != _fp(base)
@@ -85,6 +86,16 @@ def test_run_fingerprint_follows_the_data_not_its_path(imdb_dir, tmp_path):
     review = next((moved / "train" / "pos").glob("*.txt"))
     review.write_text(review.read_text() + " more")
     assert _fp(cfg_moved) != _fp(cfg)  # other data: another run
+
+
+def test_data_keys_added_later_count_only_once_set():
+    from pipeline.config import DataConfig
+    from pipeline.runs import LATER_DATA_KEYS, data_key
+
+    # Left at their defaults they are absent, so runs and caches made before them keep their names.
+    assert not set(data_key(DataConfig().model_dump())) & set(LATER_DATA_KEYS)
+    assert data_key(DataConfig(text_column="body").model_dump())["text_column"] == "body"
+    assert "train_files" not in data_key(DataConfig(source="files", train_files="a.csv").model_dump())
 
 
 def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatch):

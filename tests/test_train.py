@@ -74,3 +74,27 @@ def test_ngram_branch_sees_training_reviews_only_and_is_fitted_once(trained_run,
 
     again = ngram_branch(cfg, raw, None, None, FinishedRun())
     assert again.blend == pytest.approx(tuple(result.metrics["blend"].values()))
+
+
+def test_a_csv_with_string_labels_trains_and_records_their_names(files_run):
+    _, result = files_run
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["labels"] == ["bad", "good"]
+    assert info["data_sizes"] == {"train": 72, "validation": 24, "test": 24}
+    assert result.metrics["confusion_matrix"]["labels"] == ["bad", "good"]
+    assert result.metrics["examples"] == 24 and result.metrics["accuracy"] >= 0.8  # separable
+
+
+@pytest.mark.parametrize("ext", ["tsv", "jsonl"])
+def test_each_file_format_trains_end_to_end(tmp_path, ext):
+    from pipeline.config import load_config
+    from pipeline.train import train
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    table = write_table(tmp_path / f"reviews.{ext}", review_rows(60, (0, 1)))
+    cfg = load_config(None, files_overrides(table, tmp_path, "train.bucket_by_length=false"))
+    result = train(cfg, export=False)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["labels"] == ["0", "1"]
+    assert info["data_sizes"] == {"train": 36, "validation": 12, "test": 12}
+    assert result.metrics["examples"] == 12
