@@ -36,6 +36,7 @@ from pipeline import ngrams
 from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.runs import data_key, fingerprint
+from pipeline.scoring import ngram_logits
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,6 @@ def unlabelled_reviews(cfg: Config) -> list[str]:
     return texts
 
 
-def teacher_logits(branch: ngrams.NgramModel, texts: list[str]) -> np.ndarray:
-    """The n-gram regression's logit for each review, in batches."""
-    score = tf.function(branch.layer, input_signature=[tf.TensorSpec([None], tf.string)])
-    parts = [score(tf.constant(texts[i:i + ngrams.BATCH])).numpy()
-             for i in range(0, len(texts), ngrams.BATCH)]
-    return np.concatenate(parts).astype(np.float32)
-
-
 def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
     """P(positive) = sigmoid(logit / T): T > 1 softens the teacher, T < 1 sharpens it."""
     return (1.0 / (1.0 + np.exp(-logits / temperature))).astype(np.float32)
@@ -123,7 +116,7 @@ def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
     log.info("distill: fitting the n-gram teacher on %d training reviews", len(train[0]))
     branch = ngrams.fit(*train, cfg.ngrams)
     log.info("distill: scoring %d unlabelled reviews", len(texts))
-    logits = teacher_logits(branch, texts)
+    logits = ngram_logits(branch, texts).astype(np.float32)
     stem.parent.mkdir(parents=True, exist_ok=True)
     ngrams.save(branch, branch_path)
     _save_scores(scores_path, logits, digest)

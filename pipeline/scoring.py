@@ -57,6 +57,13 @@ def score_texts(vectorizer: keras.layers.TextVectorization, model: keras.Model, 
     return z_lstm, (z_ngram if branch is not None else None)
 
 
+def ngram_logits(branch: NgramModel, texts: list[str], batch_size: int = 512) -> np.ndarray:
+    """The n-gram regression's logits of `texts` alone, in input order (no LSTM needed)."""
+    score = tf.function(branch.layer, input_signature=[tf.TensorSpec([None], tf.string)])
+    parts = [score(tf.constant(texts[i:i + batch_size])).numpy() for i in range(0, len(texts), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 # --- the blend ----------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from pipeline import compat
+from pipeline import compat, ngrams
 from pipeline import data as data_mod
 from pipeline.config import Config, TuneConfig, from_dict, save_config
 from pipeline.distribute import make_strategy, seed_everything
@@ -46,6 +46,7 @@ from pipeline.errors import ConfigError, PipelineError, stop_signal
 from pipeline.model import build_model, fit_verbosity, model_kwargs, trainable_params
 from pipeline.pretrain import embedding_matrix
 from pipeline.runs import DirLock, data_key, fingerprint, read_json, write_json
+from pipeline.scoring import blend_logit, fit_blend, ngram_logits, score_texts
 from pipeline.tune_report import (
     BEST_FILE,
     EMBEDDING_DIR,
@@ -53,6 +54,7 @@ from pipeline.tune_report import (
     NEIGHBOURS_FILE,
     OBJECTIVE,
     SEARCH_FILE,
+    SERVED,
     TuneResult,
     failed_trials,
     ranked_rows,
@@ -117,6 +119,7 @@ class EmbeddingHyperModel(kt.HyperModel):
         self.vocabulary: list[str] | None = None  # set with it; pretrained starts need the words
         self.lr_scale = lr_scale
         self._matrices: dict[tuple[str, int], np.ndarray] = {}
+        self.served: ServedValidation | None = None  # set with the data when ngrams.enabled
 
     def pretrained_matrix(self, init: str, dim: int) -> np.ndarray | None:
         """The embedding start of one candidate: None for random, else vectors of its own size."""
@@ -141,12 +144,16 @@ class EmbeddingHyperModel(kt.HyperModel):
     def fit(self, hp: kt.HyperParameters, model: keras.Model, train_batches, *args, **kwargs) -> dict:
         """`train_batches()` gives a fresh shuffle over the shared cache: the same order every trial."""
         t0 = time.perf_counter()
+        callbacks = kwargs.get("callbacks") or []
+        if self.served is not None:  # first, so the other callbacks and the history see its figure
+            kwargs["callbacks"] = [self.served, *callbacks]
         history = model.fit(train_batches(), *args, **kwargs)
         seconds = time.perf_counter() - t0
-        self.describe_embedding(model, kwargs.get("callbacks") or [])
+        self.describe_embedding(model, callbacks)
         scores = history.history[OBJECTIVE]
         best = int(np.argmax(scores))
-        return {
+        served = ({SERVED: float(history.history[SERVED][best])} if SERVED in history.history else {})
+        return served | {
             OBJECTIVE: float(scores[best]),
             "val_loss": float(history.history["val_loss"][best]),
             "best_epoch": history.epoch[best] + 1,
@@ -164,6 +171,49 @@ class EmbeddingHyperModel(kt.HyperModel):
         weights = model.get_layer("embedding").get_weights()[0]
         write_projector(weights, self.vocabulary, folder)
         write_json(folder / NEIGHBOURS_FILE, nearest_neighbours(weights, self.vocabulary))
+
+
+class ServedValidation(keras.callbacks.Callback):
+    """Each epoch, the validation accuracy of the model as it would be served: the BiLSTM's
+    logits blended with a fixed n-gram branch's (`SERVED` in the logs, beside the objective,
+    which is the BiLSTM's alone).
+
+    The blend's three weights are fitted on the same validation reviews they are scored on,
+    as a run fits them there; with three weights the optimism is small and the same for
+    every candidate, so the figure compares sizes, not runs.
+    """
+
+    def __init__(self, vectorizer: keras.layers.TextVectorization, max_length: int,
+                 validation: tuple[list[str], np.ndarray], ngram_logits: np.ndarray):
+        super().__init__()
+        self.vectorizer, self.max_length = vectorizer, max_length
+        self.texts, self.labels = validation
+        self.ngram_logits = ngram_logits
+
+    def __deepcopy__(self, memo):  # KerasTuner copies callbacks per trial; this one holds no state
+        return self
+
+    def on_epoch_end(self, epoch, logs=None):
+        z_lstm, _ = score_texts(self.vectorizer, self.model, self.texts, self.max_length)
+        blend = fit_blend(z_lstm, self.ngram_logits, self.labels)
+        served = blend_logit(z_lstm, self.ngram_logits, blend) > 0
+        if logs is not None:
+            logs[SERVED] = float(np.mean(served == self.labels))
+
+
+def served_validation(cfg: Config, vectorizer: keras.layers.TextVectorization, raw: data_mod.RawSplits,
+                      trial_train: tf.data.Dataset) -> ServedValidation | None:
+    """The per-epoch served validation of the trials (None without `ngrams.enabled`): one n-gram
+    branch, fitted on the reviews the trials train on, scores the validation reviews once."""
+    if not cfg.ngrams.enabled:
+        return None
+    train_texts, train_labels = data_mod.decoded(trial_train)
+    log.info("n-gram branch for the served validation accuracy: fitting on %d reviews",
+             len(train_texts))
+    branch = ngrams.fit(train_texts, train_labels, cfg.ngrams)
+    validation = data_mod.decoded(raw.validation)
+    z_ngram = ngram_logits(branch, validation[0])
+    return ServedValidation(vectorizer, cfg.vectorize.max_length, validation, z_ngram)
 
 
 class ResumableGridOracle(kt.Oracle):
@@ -345,8 +395,10 @@ def with_search_vectors(cfg: Config) -> Config:
 
 
 def prepare_data(cfg: Config, strategy: tf.distribute.Strategy
-                 ) -> tuple[Callable[[], tf.data.Dataset], tf.data.Dataset, list[str], dict[str, int]]:
-    """Adapt once, vectorize and cache once: (train batches maker, val_ds, vocabulary, split sizes).
+                 ) -> tuple[Callable[[], tf.data.Dataset], tf.data.Dataset, list[str], dict[str, int],
+                            ServedValidation | None]:
+    """Adapt once, vectorize and cache once: (train batches maker, val_ds, vocabulary, split
+    sizes, the served validation callback).
 
     Each trial calls the maker for a new shuffle stage over the same cached token ids,
     so every candidate trains on the same batches in the same order.
@@ -365,7 +417,8 @@ def prepare_data(cfg: Config, strategy: tf.distribute.Strategy
                        cfg.train, global_batch, replicas=replicas)
     make_train = functools.partial(batch_ids, train_rows, cfg.vectorize, cfg.train, global_batch,
                                    shuffle_seed=cfg.seed, replicas=replicas)
-    return make_train, val_ds, vectorizer.get_vocabulary(), sizes
+    served = served_validation(cfg, vectorizer, raw, trial_train)
+    return make_train, val_ds, vectorizer.get_vocabulary(), sizes, served
 
 
 def make_tuner(cfg: Config, hypermodel: EmbeddingHyperModel, out: Path,
@@ -467,7 +520,7 @@ def _run_search(cfg: Config, fresh: bool) -> TuneResult:
                  os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"])
         tuner.search(verbose=verbose)  # blocks in KerasTuner's oracle server
     elif who == "worker" or not isinstance(tuner.oracle, ResumableGridOracle) or tuner.oracle.has_work():
-        make_train, val_ds, vocabulary, sizes = prepare_data(cfg, strategy)
+        make_train, val_ds, vocabulary, sizes, hypermodel.served = prepare_data(cfg, strategy)
         hypermodel.vocabulary, hypermodel.vocab_size = vocabulary, len(vocabulary)
         if who == "worker":
             log.info("%s: asking the chief at %s:%s for trials", os.environ["KERASTUNER_TUNER_ID"],

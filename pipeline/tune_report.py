@@ -24,7 +24,8 @@ from pipeline.embeddings import neighbours_markdown
 from pipeline.runs import read_json, write_json
 
 # Shared with tune.py, which imports them from here: the report never imports the search.
-OBJECTIVE = "val_accuracy"
+OBJECTIVE = "val_accuracy"  # the BiLSTM's alone: what the search ranks by (docs/tuning.md)
+SERVED = "val_served_accuracy"  # the BiLSTM blended with the n-gram branch, at the same epoch
 BEST_FILE = "best_hparams.json"
 SEARCH_FILE = "search.json"
 LOGS_DIR = "logs"
@@ -70,6 +71,7 @@ def ranked_rows(oracle: kt.Oracle, space: dict[str, list]) -> list[dict]:
         row |= {
             "trainable_params": int(_metric(trial, "trainable_params") or 0),
             OBJECTIVE: _metric(trial, OBJECTIVE),
+            **({SERVED: _metric(trial, SERVED)} if trial.metrics.exists(SERVED) else {}),
             "val_loss": _metric(trial, "val_loss"),
             "epochs_run": int(_metric(trial, "epochs_run") or 0),
             "best_epoch": int(_metric(trial, "best_epoch") or 0),
@@ -92,7 +94,9 @@ def failed_trials(oracle: kt.Oracle) -> list[dict]:
 
 
 def _fmt(column: str, value) -> str:
-    if column in (OBJECTIVE, "val_loss"):
+    if value is None:  # e.g. the served figure of a trial from before it was recorded
+        return ""
+    if column in (OBJECTIVE, SERVED, "val_loss"):
         return f"{value:.4f}"
     if column == "seconds":
         return f"{value:.1f}"
@@ -105,7 +109,7 @@ def markdown_table(rows: list[dict]) -> str:
     columns = list(rows[0])
     header = [c.replace("_", " ") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(c, r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -154,8 +158,11 @@ def plot_results(rows: list[dict], out_png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for init, by_dim in curves.items():
         xs = sorted(by_dim)
-        label = f"val accuracy, {init} start" if init else "val accuracy"
-        ax.plot(xs, [by_dim[d][OBJECTIVE] for d in xs], "o-", label=label)
+        start = f", {init} start" if init else ""
+        ax.plot(xs, [by_dim[d][OBJECTIVE] for d in xs], "o-", label=f"BiLSTM val accuracy{start}")
+        served = [by_dim[d].get(SERVED) for d in xs]
+        if all(v is not None for v in served):
+            ax.plot(xs, served, "s--", label=f"served (with n-grams) val accuracy{start}")
     ax.plot([rows[0]["embedding_dim"]], [rows[0][OBJECTIVE]], "*", color="tab:red", markersize=16,
             label="best")
     ax.set_xscale("log", base=2)
@@ -204,7 +211,7 @@ def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
     if not rows:
         return
     with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     best = result.best

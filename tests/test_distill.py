@@ -15,6 +15,7 @@ import pipeline.ngrams
 from pipeline import distill
 from pipeline.config import load_config
 from pipeline.data import decoded, load_raw
+from pipeline.scoring import ngram_logits
 from pipeline.train import train
 from tests.helpers import make_review, tiny_overrides, write_aclimdb
 
@@ -76,7 +77,7 @@ def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
     cfg = _cfg(unsup_dir, tmp_path, "distill.temperature=2.0", "distill.weight=0.5")
     raw = load_raw(cfg.data, cfg.seed)
     t = distill.teacher(cfg, decoded(raw.train))
-    logits = distill.teacher_logits(t.branch, t.texts)
+    logits = ngram_logits(t.branch, t.texts)
     assert np.ptp(logits) > 1.0  # the teacher tells reviews apart
     rows = list(distill.student_split(raw.train, t, cfg.distill.weight).as_numpy_iterator())
     gold, soft = rows[:-N_UNSUP], rows[-N_UNSUP:]

@@ -34,7 +34,8 @@ def _tune_overrides(imdb: Path, out: Path, dims: list[int] = DIMS) -> list[str]:
     # the search, not the model.
     return tiny_overrides(imdb, out) + [f"tune.embedding_dims=[{','.join(map(str, dims))}]",
                                         "tune.epochs=1", "model.embedding_dim=6",
-                                        "model.bidirectional=false", "train.bucket_by_length=false"]
+                                        "model.bidirectional=false", "train.bucket_by_length=false",
+                                        "ngrams.enabled=true"]  # as the default config ships
 
 
 def _set_args(overrides: list[str]) -> list[str]:
@@ -81,7 +82,7 @@ def test_grid_tries_every_candidate_once_on_shared_data(searched):
 
 def test_every_trial_gets_the_same_batches(imdb_dir, tmp_path):
     cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path))
-    make_train, val_ds, vocabulary, sizes = tune.prepare_data(cfg, tune.make_strategy(cfg.distribute))
+    make_train, val_ds, vocabulary, sizes, _ = tune.prepare_data(cfg, tune.make_strategy(cfg.distribute))
     vocab_size = len(vocabulary)
     first, second = ([y.numpy().tolist() for _, y in make_train()] for _ in range(2))
     assert first == second and sum(map(len, first)) == sizes["train"]
@@ -100,8 +101,9 @@ def test_report_agrees_with_the_tuner_records(searched):
         trial = trials[row["trial_id"]]
         assert int(row["embedding_dim"]) == trial.hyperparameters.values["embedding_dim"]
         assert float(row["val_accuracy"]) == pytest.approx(trial.score)
-        for key in ("val_loss", "trainable_params", "epochs_run", "seconds"):
+        for key in ("val_loss", "trainable_params", "epochs_run", "seconds", tune_report.SERVED):
             assert float(row[key]) == pytest.approx(trial.metrics.get_last_value(key), abs=0.05)
+        assert 0.5 <= float(row[tune_report.SERVED]) <= 1.0  # the n-grams alone read this tiny data
     # The parameter count is that of the plain builder's model with that embedding size.
     vocab = json.loads((out / "search.json").read_text())["vocabulary_size"]
     for row in rows:
@@ -376,3 +378,28 @@ def test_word2vec_vectors_smaller_than_a_candidate_are_refused_up_front(imdb_dir
         "tune.embedding_init=[word2vec]", "pretrain.vector_size=4"])  # DIMS go up to 8
     with pytest.raises(ConfigError, match="pretrain.vector_size: 4-d word2vec vectors cannot start the 8-d"):
         tune.check_tunable(cfg)
+
+
+def test_the_served_validation_accuracy_is_the_blend_of_the_bilstm_and_the_ngrams(imdb_dir, tmp_path):
+    from pipeline.data import decoded, load_raw
+    from pipeline.scoring import fit_blend
+    from pipeline.vectorize import texts_to_padded_ids
+
+    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path))
+    raw = load_raw(cfg.data, cfg.seed)
+    vectorizer = tune.adapt_vectorizer(cfg.vectorize, raw.train)
+    served = tune.served_validation(cfg, vectorizer, raw, raw.train)
+    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
+    served.set_model(model)
+    logs = {}
+    served.on_epoch_end(0, logs)
+    # the same figure from Keras' own predictions, turned back into logits
+    texts, labels = decoded(raw.validation)
+    ids = texts_to_padded_ids(vectorizer, np.array(texts), cfg.vectorize.max_length)
+    p = np.clip(model.predict(ids, verbose=0).ravel().astype(np.float64), 1e-7, 1 - 1e-7)
+    z_lstm = np.log(p / (1 - p))
+    a, b, c = fit_blend(z_lstm, served.ngram_logits, labels)
+    expected = np.mean(((a * z_lstm + b * served.ngram_logits + c) > 0) == labels)
+    assert logs[tune_report.SERVED] == pytest.approx(expected, abs=1 / len(labels))
+    assert tune.served_validation(cfg.model_copy(update={"ngrams": cfg.ngrams.model_copy(
+        update={"enabled": False})}), vectorizer, raw, raw.train) is None
