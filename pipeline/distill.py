@@ -86,8 +86,9 @@ def unlabelled_reviews(cfg: Config) -> list[str]:
         ds = ds.take(cfg.distill.max_unlabelled)
     texts = [t.decode("utf-8", "replace") for t in ds.as_numpy_iterator()]
     if not texts:
-        raise data_mod.DataError("distill.enabled needs unlabelled reviews, and the data source "
-                                 "has none (tfds: an `unsupervised` split; a folder: train/unsup/*.txt)")
+        raise data_mod.DataError("distill.enabled needs unlabelled reviews, and the data source has "
+                                 "none (tfds: an `unsupervised` split; a folder: train/unsup/*.txt; "
+                                 "files: data.unlabelled_files)")
     return texts
 
 
