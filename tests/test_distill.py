@@ -196,3 +196,18 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     assert json.loads((again.run_dir / "run.json").read_text())["distill"]["cached"] is True
     assert scores.stat().st_mtime_ns == written
     assert again.metrics == student.metrics  # the same seed draws the same numbers either way
+
+
+def test_a_files_source_distills_from_its_unlabelled_files(tmp_path):
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    train_file = write_table(tmp_path / "reviews.csv", review_rows(80, ("bad", "good")))
+    unlabelled = write_table(tmp_path / "more.jsonl", [{"text": f"unlabelled {i}. " + r["text"]}
+                                                       for i, r in enumerate(review_rows(30, seed=3))])
+    cfg = load_config(None, files_overrides(train_file, tmp_path, "distill.enabled=true",
+                                            f"data.unlabelled_files={unlabelled}",
+                                            f"pretrain.directory={tmp_path / 'pretrained'}"))
+    raw = load_raw(cfg.data, cfg.seed)
+    t = distill.teacher(cfg, decoded(raw.train))
+    assert len(t.texts) == 30 and all(text.startswith("unlabelled ") for text in t.texts)
+    assert not t.cached and distill.teacher(cfg, decoded(raw.train)).cached
