@@ -84,6 +84,9 @@ class ModelConfig(_Section):
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drops whole embedding channels
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
     learning_rate: float = Field(1e-3, gt=0.0)  # Adam
+    # > 0: adversarial training; each step also learns from the embedded review pushed along
+    # the loss gradient by this fraction of its norm (about 2x the time per step)
+    adversarial_epsilon: float = Field(0.0, ge=0.0, lt=1.0)
     # word2vec: pretrained here; lm: embedding and LSTM from language models (pipeline/lm.py)
     embedding_init: Literal["random", "word2vec", "file", "lm"] = "random"
     embedding_file: str | None = None  # GloVe/word2vec text file for embedding_init=file

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution  # as Keras' own train_step
 
 from pipeline.config import ModelConfig
 
@@ -38,6 +40,7 @@ def build_model(
     lstm_weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
     pretrained_lr_scale: float = 1.0,
     decay_steps: int | None = None,
+    adversarial_epsilon: float = 0.0,
     use_cudnn: bool | str = "auto",
 ) -> keras.Model:
     """Build and compile the model on right-padded int64 token ids of any length.
@@ -47,6 +50,7 @@ def build_model(
     layer when `lstm_weights` are) learn at `pretrained_lr_scale` x the rate (`LayerwiseAdam`).
     `decay_steps` set: the rate follows a cosine from `learning_rate` down to 5% of it over that
     many steps (then stays there), counted by the optimizer, so a resumed run continues it.
+    `adversarial_epsilon` > 0 adds adversarial training (`SentimentModel.train_step`).
     `use_cudnn=False` gives a graph that runs anywhere; the export uses it so a
     model trained on a GPU still serves on a CPU-only host.
     """
@@ -63,6 +67,8 @@ def build_model(
                                trainable=embedding_trainable, name="embedding")(token_ids)
     if embedding_dropout:
         x = keras.layers.SpatialDropout1D(embedding_dropout, name="embedding_dropout")(x)
+    if adversarial_epsilon:
+        x = Perturbation(name="perturbation")(x)
     for i in range(num_layers):
         sequences = i < num_layers - 1 or pooling != "last"
         lstm = keras.layers.LSTM(lstm_units, return_sequences=sequences, use_cudnn=use_cudnn,
@@ -81,7 +87,8 @@ def build_model(
     # float32 output keeps the sigmoid stable under mixed precision.
     probability = keras.layers.Dense(1, activation="sigmoid", dtype="float32",
                                      name="probability")(x)
-    model = keras.Model(token_ids, probability, name="sentiment_lstm")
+    model = SentimentModel(token_ids, probability, adversarial_epsilon=adversarial_epsilon,
+                           name="sentiment_lstm")
     pretrained = ("embedding",) if embedding_matrix is not None else ()
     if lstm_weights is not None:
         first = model.get_layer("bilstm_0" if bidirectional else "lstm_0")
@@ -110,6 +117,88 @@ def build_model(
         jit_compile=False,  # variable-length batches would recompile; XLA skips cuDNN anyway
     )
     return model
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class SentimentModel(keras.Model):
+    """The functional classifier; with `adversarial_epsilon` > 0 each training step adds
+    adversarial training (Goodfellow et al. 2015; on text, Miyato et al. 2017).
+
+    The step's loss is L(x) + L(x + r): r moves the embedded review (after embedding
+    dropout, as the LSTM reads it) along the gradient of the loss, its norm a fraction
+    `adversarial_epsilon` of the review's own embedded norm, so the model learns to hold
+    its answer when each word's vector shifts a little the wrong way. Sizing r relative
+    to the embeddings keeps epsilon meaningful while fine-tuning changes their scale.
+    r is a constant of the step: no gradient flows into it.
+    """
+
+    def __init__(self, *args, adversarial_epsilon: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adversarial_epsilon = adversarial_epsilon
+
+    def train_step(self, data):
+        if not self.adversarial_epsilon:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        dim = self.get_layer("embedding").output_dim
+        # dL/d(embedded review) is the gradient at a zero perturbation.
+        zero = tf.zeros(tf.concat([tf.shape(x), [dim]], axis=0))
+        with tf.GradientTape() as tape:
+            with tf.GradientTape() as probe:
+                probe.watch(zero)
+                y_pred = self(x, training=True, perturbation=zero)
+                loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                          training=True)
+            embedded = self.get_layer("embedding")(x)
+            r = adversarial_perturbation(probe.gradient(loss, zero), embedded,
+                                         tf.not_equal(x, 0), self.adversarial_epsilon)
+            y_adv = self(x, training=True, perturbation=r)
+            loss += self._compute_loss(x=x, y=y, y_pred=y_adv, sample_weight=sample_weight,
+                                       training=True)
+            self._loss_tracker.update_state(unscale_loss_for_distribution(loss),
+                                            sample_weight=tf.shape(x)[0])
+            loss = self.optimizer.scale_loss(loss)
+        weights = self.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=True))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        return super().get_config() | {"adversarial_epsilon": self.adversarial_epsilon}
+
+
+def adversarial_perturbation(gradient: tf.Tensor, embedded: tf.Tensor, mask: tf.Tensor,
+                             epsilon: float) -> tf.Tensor:
+    """r = epsilon * ||e|| * g / ||g|| per review, over its real (unmasked) tokens, held constant.
+
+    `gradient` and `embedded` are [batch, time, dim], `mask` [batch, time]; padded steps get
+    no perturbation.
+    """
+    keep = tf.cast(mask, tf.float32)[..., None]
+    g = tf.cast(gradient, tf.float32) * keep
+    e = tf.cast(embedded, tf.float32) * keep
+    e_norm = tf.norm(e, axis=[1, 2], keepdims=True)
+    g_norm = tf.norm(g, axis=[1, 2], keepdims=True)
+    return tf.stop_gradient(epsilon * e_norm * g / tf.maximum(g_norm, 1e-12))
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class Perturbation(keras.layers.Layer):
+    """Adds the `perturbation` call argument to the embedded review, when one is given.
+
+    Only adversarial training passes it (`SentimentModel.train_step`); everywhere else,
+    serving included, the layer passes its input through unchanged.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        # The model's call hands `perturbation=` down to this layer.
+        self._register_call_context_args("perturbation")
+
+    def call(self, inputs, perturbation=None):
+        if perturbation is None:
+            return inputs
+        return inputs + keras.ops.cast(perturbation, inputs.dtype)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -230,6 +319,7 @@ def model_kwargs(cfg: ModelConfig) -> dict:
         learning_rate=cfg.learning_rate,
         embedding_trainable=cfg.embedding_trainable,
         pretrained_lr_scale=cfg.pretrained_lr_scale,
+        adversarial_epsilon=cfg.adversarial_epsilon,
     )
 
 

@@ -68,6 +68,8 @@ NOT_IN_FINGERPRINT = ("runs_dir", "export", "tune", "train.verbose", "pretrain.w
 LATER_DATA_KEYS = ("text_key", "label_key", "train_split", "test_split", "train_files", "test_files",
                    "unlabelled_files", "text_column", "label_column", "test_fraction", "skip_bad_rows",
                    "labels")
+# The same for keys of other sections (section.key), counted only once set away from their default.
+LATER_KEYS = ("model.adversarial_epsilon",)
 
 
 class RunBusyError(PipelineError):
@@ -117,6 +119,11 @@ def run_fingerprint(cfg: Config, data_identity: dict) -> str:
     for key in NOT_IN_FINGERPRINT:
         section, _, name = key.rpartition(".")
         (d[section] if section else d).pop(name)
+    defaults = Config().to_dict()
+    for key in LATER_KEYS:
+        section, name = key.split(".")
+        if d[section][name] == defaults[section][name]:
+            d[section].pop(name)
     d["data"] = data_key(d["data"])
     return fingerprint(d | {"data_identity": data_identity})
 

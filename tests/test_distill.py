@@ -123,6 +123,17 @@ def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
         distill.teacher(cfg, decoded(load_raw(cfg.data, cfg.seed).train))
 
 
+
+def test_the_first_round_is_this_config_taught_by_the_ngrams_without_adversarial_training():
+    cfg = load_config(None, ["name=x", "distill.enabled=true", "distill.teacher=served",
+                             "model.adversarial_epsilon=0.02", "model.pooling=concat"])
+    first = distill.first_round(cfg)
+    assert (first.name, first.distill.teacher) == ("x-teacher", "ngrams")
+    assert first.model.adversarial_epsilon == 0.0
+    # Everything else is the same config.
+    assert first.model.model_copy(update={"adversarial_epsilon": 0.02}) == cfg.model
+    assert (first.train, first.vectorize, first.data) == (cfg.train, cfg.vectorize, cfg.data)
+
 def test_training_metrics_count_a_soft_target_as_the_teachers_label():
     from pipeline.model import HardTargets
 

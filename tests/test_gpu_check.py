@@ -106,6 +106,15 @@ def test_only_the_simulated_gpu_traces_into_cudnn():
     assert cudnn_forward_count(ops) == 2 and any(t.startswith("CudnnRNNBackprop") for t in ops)
 
 
+def test_adversarial_training_runs_both_of_its_passes_on_cudnn():
+    model = build_model(50, embedding_dim=8, lstm_units=8, bidirectional=True, adversarial_epsilon=0.02)
+    with simulated_gpu():
+        ops = graph_op_types(train_step_graph(model))
+    # The clean and the perturbed pass, each in both directions; no generic LSTM kernel.
+    assert cudnn_forward_count(ops) == 4 and any(t.startswith("CudnnRNNBackprop") for t in ops)
+    assert not any(t.endswith("While") for t in ops)  # the generic kernel loops in a While
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bidirectional,num_layers,pooling,mixed", SHAPES,
                          ids=[f"{'bi' if b else 'uni'}-{n}x-{p}-{'mixed' if m else 'fp32'}"

@@ -2,8 +2,16 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from pipeline.model import MaskedMaxPooling1D, build_model, fit_verbosity, load_weights, trainable_params
+from pipeline.model import (
+    MaskedMaxPooling1D,
+    adversarial_perturbation,
+    build_model,
+    fit_verbosity,
+    load_weights,
+    trainable_params,
+)
 
 
 @pytest.mark.parametrize("pooling,bidirectional,layers", [("last", True, 1), ("max", False, 2),
@@ -92,3 +100,47 @@ def test_trainable_params_and_fit_verbosity():
     assert trainable_params(model) == 40 + 4 * (4 + 2 + 1) * 2 + 3
     assert fit_verbosity(0) == 0 and fit_verbosity(1) == 1
     assert fit_verbosity(None) == 2  # pytest captures stdout: not a terminal, one line per epoch
+
+
+def test_the_adversarial_perturbation_has_the_configured_norm_and_no_gradient():
+    rng = np.random.default_rng(0)
+    embedded = tf.Variable(rng.normal(size=(3, 5, 4)).astype("float32"))
+    gradient = rng.normal(size=(3, 5, 4)).astype("float32")
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
+    with tf.GradientTape() as tape:
+        r = adversarial_perturbation(gradient, embedded, mask, 0.1)
+        total = tf.reduce_sum(r)
+    r = r.numpy()
+    keep = mask[..., None]
+    np.testing.assert_allclose(np.linalg.norm(r, axis=(1, 2)),
+                               0.1 * np.linalg.norm(embedded.numpy() * keep, axis=(1, 2)), rtol=1e-5)
+    assert np.all(r[~mask] == 0)  # padded steps are not moved
+    for i in range(3):  # along the gradient
+        g = (gradient * keep)[i].ravel()
+        cosine = r[i].ravel() @ g / (np.linalg.norm(r[i]) * np.linalg.norm(g))
+        assert cosine == pytest.approx(1.0, abs=1e-5)
+    assert tape.gradient(total, embedded) is None  # a constant of the step
+
+
+def test_an_adversarial_step_learns_from_the_clean_and_the_perturbed_review():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.integers(2, 40, size=(8, 6)), np.zeros((8, 2), int)], axis=1)
+    y = rng.integers(0, 2, size=8).astype("float32")
+    model = build_model(40, embedding_dim=6, lstm_units=4, pooling="max", dropout=0.0,
+                        adversarial_epsilon=0.5)
+    plain = build_model(40, embedding_dim=6, lstm_units=4, pooling="max", dropout=0.0)
+    plain.set_weights(model.get_weights())
+    # Serving is unchanged: the perturbation exists only inside a training step.
+    np.testing.assert_allclose(model.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-6)
+
+    bce = tf.keras.losses.BinaryCrossentropy()
+    zero = tf.zeros((8, 8, 6))
+    with tf.GradientTape() as tape:
+        tape.watch(zero)
+        clean = bce(y[:, None], model(x, perturbation=zero))
+    r = adversarial_perturbation(tape.gradient(clean, zero), model.get_layer("embedding")(x),
+                                 x != 0, 0.5)
+    perturbed = bce(y[:, None], model(x, perturbation=r))
+    assert float(perturbed) > float(clean)  # r points uphill
+    loss = model.train_on_batch(x, y, return_dict=True)["loss"]  # from before the update
+    assert loss == pytest.approx(float(clean) + float(perturbed), rel=1e-4)
