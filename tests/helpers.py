@@ -11,6 +11,7 @@ import random
 import signal
 from pathlib import Path
 
+import keras
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -19,6 +20,18 @@ POSITIVE = "great wonderful excellent superb moving brilliant loved beautiful".s
 NEGATIVE = "awful terrible boring dull waste poor hated ugly".split()
 NEUTRAL = "the movie film plot actor scene story was and it this a".split()
 
+
+
+class StopAt(keras.callbacks.Callback):
+    """Ctrl-C at the start of epoch `epoch` (0-based), once the previous epoch's backup is written."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
 
 def make_review(rng: random.Random, label: int) -> str:
     words = POSITIVE if label else NEGATIVE

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.data import decoded, load_raw
 from pipeline.scoring import ngram_logits
 from pipeline.train import train
-from tests.helpers import make_review, tiny_overrides, write_aclimdb
+from tests.helpers import StopAt, make_review, tiny_overrides, write_aclimdb
 
 N_UNSUP = 60
 
@@ -142,18 +142,6 @@ def test_training_metrics_count_a_soft_target_as_the_teachers_label():
     assert accuracy.name == "accuracy" and float(accuracy.result()) == pytest.approx(0.5)
 
 
-class StopAfterEpoch(keras.callbacks.Callback):
-    """Ctrl-C at the end of an epoch, once the run's backup of it is written."""
-
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
 def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_path, monkeypatch):
     # a cosine rate, so the resumed optimizer must also carry on the schedule where it was
@@ -165,7 +153,7 @@ def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_pa
 
     callbacks = spine.make_callbacks
     monkeypatch.setattr(spine, "make_callbacks", lambda cfg, run_dir: callbacks(cfg, run_dir)
-                        + [StopAfterEpoch(1)])
+                        + [StopAt(2)])
     cfg = _cfg(unsup_dir, tmp_path / "resumed", *extra)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, export=False)

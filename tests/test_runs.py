@@ -38,7 +38,7 @@ from pipeline.runs import (
     tidy_history,
 )
 from pipeline.train import train
-from tests.helpers import RESUME_EPOCHS, RESUME_EXTRA, tiny_overrides, write_aclimdb
+from tests.helpers import RESUME_EPOCHS, RESUME_EXTRA, StopAt, tiny_overrides, write_aclimdb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,18 +331,6 @@ def test_interrupted_export_resumes_at_export_without_training(imdb_dir, tmp_pat
     assert (tmp_path / "saved_models" / "tiny" / "1" / "saved_model.pb").is_file()
 
 
-class _StopAt(keras.callbacks.Callback):
-    """Ctrl-C at the start of epoch `epoch` (0-based), after the previous epoch's backup."""
-
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
 def test_fallback_to_the_older_backup_matches_an_uninterrupted_run(imdb_dir, tmp_path, monkeypatch,
                                                                   caplog, reference_run):
@@ -350,7 +338,7 @@ def test_fallback_to_the_older_backup_matches_an_uninterrupted_run(imdb_dir, tmp
     cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path / "out") + RESUME_EXTRA)
     make_callbacks = pipeline.train.make_callbacks
     with monkeypatch.context() as m:
-        m.setattr(pipeline.train, "make_callbacks", lambda *a: make_callbacks(*a) + [_StopAt(3)])
+        m.setattr(pipeline.train, "make_callbacks", lambda *a: make_callbacks(*a) + [StopAt(3)])
         with pytest.raises(KeyboardInterrupt):
             train(cfg, export=False)
     (run,) = (tmp_path / "out" / "runs" / "tiny").iterdir()
