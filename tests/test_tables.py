@@ -89,10 +89,14 @@ def test_empty_texts_and_labels_are_counted_then_skipped_on_request(tmp_path, ca
     assert "skipped 2 row(s)" in caplog.text
 
 
-def test_unbalanced_quotes_name_the_line(tmp_path):
-    path = tmp_path / "r.csv"
-    path.write_text('text,label\nfine,pos\n"never closed,neg\nlater,pos\n')
-    with pytest.raises(TableError, match=r"r.csv: line 3: unbalanced quotes"):
+@pytest.mark.parametrize("name,content,problem", [
+    ("r.csv", 'text,label\nfine,pos\n"never closed,neg\nlater,pos\n', r"r.csv: line 3: unbalanced quotes"),
+    ("r.jsonl", '{"text": "x", "label": 1}\n{"text": oops}\n', r"r.jsonl: line 2: not valid JSON"),
+])
+def test_a_broken_row_names_its_file_and_line(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TableError, match=problem):
         scan([path], "text", "label", False, "train_files")
 
 
@@ -103,13 +107,6 @@ def test_a_file_without_rows(tmp_path):
         scan([tmp_path / "h.csv"], "text", "label", False, "train_files")
     with pytest.raises(TableError, match=r"e.jsonl: no rows$"):
         scan([tmp_path / "e.jsonl"], "text", "label", False, "train_files")
-
-
-def test_bad_json_names_the_line(tmp_path):
-    path = tmp_path / "r.jsonl"
-    path.write_text('{"text": "x", "label": 1}\n{"text": oops}\n')
-    with pytest.raises(TableError, match=r"r.jsonl: line 2: not valid JSON"):
-        scan([path], "text", "label", False, "train_files")
 
 
 def test_paths_and_globs(tmp_path):
