@@ -140,17 +140,16 @@ class SentimentModel(keras.Model):
         if not self.adversarial_epsilon:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        dim = self.get_layer("embedding").output_dim
+        embedding = self.get_layer("embedding")
         # dL/d(embedded review) is the gradient at a zero perturbation.
-        zero = tf.zeros(tf.concat([tf.shape(x), [dim]], axis=0))
+        zero = tf.zeros(tf.concat([tf.shape(x), [embedding.output_dim]], axis=0))
         with tf.GradientTape() as tape:
             with tf.GradientTape() as probe:
                 probe.watch(zero)
                 y_pred = self(x, training=True, perturbation=zero)
                 loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                           training=True)
-            embedded = self.get_layer("embedding")(x)
-            r = adversarial_perturbation(probe.gradient(loss, zero), embedded,
+            r = adversarial_perturbation(probe.gradient(loss, zero), embedding(x),
                                          tf.not_equal(x, 0), self.adversarial_epsilon)
             y_adv = self(x, training=True, perturbation=r)
             loss += self._compute_loss(x=x, y=y, y_pred=y_adv, sample_weight=sample_weight,

@@ -21,7 +21,6 @@ NEGATIVE = "awful terrible boring dull waste poor hated ugly".split()
 NEUTRAL = "the movie film plot actor scene story was and it this a".split()
 
 
-
 class StopAt(keras.callbacks.Callback):
     """Ctrl-C at the start of epoch `epoch` (0-based), once the previous epoch's backup is written."""
 
@@ -32,6 +31,7 @@ class StopAt(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == self.epoch:
             raise KeyboardInterrupt
+
 
 def make_review(rng: random.Random, label: int) -> str:
     words = POSITIVE if label else NEGATIVE

@@ -123,7 +123,6 @@ def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
         distill.teacher(cfg, decoded(load_raw(cfg.data, cfg.seed).train))
 
 
-
 def test_the_first_round_is_this_config_taught_by_the_ngrams_without_adversarial_training():
     cfg = load_config(None, ["name=x", "distill.enabled=true", "distill.teacher=served",
                              "model.adversarial_epsilon=0.02", "model.pooling=concat"])
@@ -133,6 +132,7 @@ def test_the_first_round_is_this_config_taught_by_the_ngrams_without_adversarial
     # Everything else is the same config.
     assert first.model.model_copy(update={"adversarial_epsilon": 0.02}) == cfg.model
     assert (first.train, first.vectorize, first.data) == (cfg.train, cfg.vectorize, cfg.data)
+
 
 def test_training_metrics_count_a_soft_target_as_the_teachers_label():
     from pipeline.model import HardTargets

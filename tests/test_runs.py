@@ -98,7 +98,6 @@ def test_data_keys_added_later_count_only_once_set():
     assert "train_files" not in data_key(DataConfig(source="files", train_files="a.csv").model_dump())
 
 
-
 def test_model_keys_added_later_count_only_once_set(monkeypatch):
     import pipeline.runs as runs
     from pipeline.config import Config
