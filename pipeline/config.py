@@ -82,6 +82,7 @@ class ModelConfig(_Section):
     # how the LSTM outputs become one vector; concat: max and mean side by side
     pooling: Literal["last", "mean", "max", "concat"] = "last"
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drops whole embedding channels
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # in training, this fraction of words read as OOV
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
     learning_rate: float = Field(1e-3, gt=0.0)  # Adam
     # > 0: adversarial training; each step also learns from the embedded review pushed along

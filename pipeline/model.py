@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution  # as Keras' own train_step
 
 from pipeline.config import ModelConfig
+from pipeline.vectorize import OOV, PAD
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def build_model(
     num_layers: int = 1,
     pooling: str = "last",
     embedding_dropout: float = 0.0,
+    word_dropout: float = 0.0,
     dropout: float = 0.3,
     learning_rate: float = 1e-3,
     embedding_matrix: np.ndarray | None = None,
@@ -51,6 +53,7 @@ def build_model(
     `decay_steps` set: the rate follows a cosine from `learning_rate` down to 5% of it over that
     many steps (then stays there), counted by the optimizer, so a resumed run continues it.
     `adversarial_epsilon` > 0 adds adversarial training (`SentimentModel.train_step`).
+    `word_dropout` > 0 reads that fraction of a training review's words as unknown (`WordDropout`).
     `use_cudnn=False` gives a graph that runs anywhere; the export uses it so a
     model trained on a GPU still serves on a CPU-only host.
     """
@@ -62,9 +65,10 @@ def build_model(
         initializer = keras.initializers.Constant(embedding_matrix)
 
     token_ids = keras.Input(shape=(None,), dtype="int64", name="token_ids")
+    x = WordDropout(word_dropout, name="word_dropout")(token_ids) if word_dropout else token_ids
     x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True,
                                embeddings_initializer=initializer,
-                               trainable=embedding_trainable, name="embedding")(token_ids)
+                               trainable=embedding_trainable, name="embedding")(x)
     if embedding_dropout:
         x = keras.layers.SpatialDropout1D(embedding_dropout, name="embedding_dropout")(x)
     if adversarial_epsilon:
@@ -201,6 +205,31 @@ class Perturbation(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
+class WordDropout(keras.layers.Layer):
+    """In training, each real token becomes the unknown word (OOV) with probability `rate`.
+
+    The model then cannot lean on a few telling words and has to read the rest of the review
+    (Iyyer et al. 2015 drop words from an average; here they stay as OOV so positions, the
+    padding mask and cuDNN's right padding are unchanged, and no review becomes empty).
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.seed = rate, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if not training or not self.rate:
+            return inputs
+        drop = keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator) < self.rate
+        drop = keras.ops.logical_and(drop, keras.ops.not_equal(inputs, PAD))
+        return keras.ops.where(drop, keras.ops.cast(OOV, inputs.dtype), inputs)
+
+    def get_config(self):
+        return super().get_config() | {"rate": self.rate, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
 class LayerwiseAdam(keras.optimizers.Adam):
     """Adam whose steps for the pretrained layers are scaled (ULMFiT's discriminative rates).
 
@@ -314,6 +343,7 @@ def model_kwargs(cfg: ModelConfig) -> dict:
         num_layers=cfg.num_layers,
         pooling=cfg.pooling,
         embedding_dropout=cfg.embedding_dropout,
+        word_dropout=cfg.word_dropout,
         dropout=cfg.dropout,
         learning_rate=cfg.learning_rate,
         embedding_trainable=cfg.embedding_trainable,

@@ -98,7 +98,8 @@ def test_data_keys_added_later_count_only_once_set():
     assert "train_files" not in data_key(DataConfig(source="files", train_files="a.csv").model_dump())
 
 
-def test_model_keys_added_later_count_only_once_set(monkeypatch):
+@pytest.mark.parametrize("key,value", [("adversarial_epsilon", 0.02), ("word_dropout", 0.1)])
+def test_model_keys_added_later_count_only_once_set(monkeypatch, key, value):
     import pipeline.runs as runs
     from pipeline.config import Config
 
@@ -107,11 +108,11 @@ def test_model_keys_added_later_count_only_once_set(monkeypatch):
     cfg = Config()
     runs.run_fingerprint(cfg, {})
     runs.run_fingerprint(cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={"adversarial_epsilon": 0.02})}), {})
+        update={key: value})}), {})
     # At its default the key is not hashed, so a run made before it existed keeps its fingerprint.
-    assert "model.adversarial_epsilon" in runs.LATER_KEYS
-    assert "adversarial_epsilon" not in hashed[0]["model"]
-    assert hashed[1]["model"]["adversarial_epsilon"] == 0.02
+    assert f"model.{key}" in runs.LATER_KEYS
+    assert key not in hashed[0]["model"]
+    assert hashed[1]["model"][key] == value
 
 
 def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatch):
