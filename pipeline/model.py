@@ -154,7 +154,7 @@ class SentimentModel(keras.Model):
                 loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                           training=True)
             r = adversarial_perturbation(probe.gradient(loss, zero), embedding(x),
-                                         tf.not_equal(x, 0), self.adversarial_epsilon)
+                                         tf.not_equal(x, PAD), self.adversarial_epsilon)
             y_adv = self(x, training=True, perturbation=r)
             loss += self._compute_loss(x=x, y=y, y_pred=y_adv, sample_weight=sample_weight,
                                        training=True)
