@@ -121,6 +121,9 @@ class TrainConfig(_Section):
     freeze_pretrained_epochs: int = Field(0, ge=0)
     shuffle_buffer: int = Field(25000, gt=0)  # reviews; >= the train split shuffles it fully
     bucket_by_length: bool = True  # batch similar lengths so the LSTM skips padding
+    # Tokens per replica's batch at most: buckets of long reviews get fewer of them, which caps
+    # the peak memory the longest bucket sets; None: batch_size reviews in every bucket
+    max_batch_tokens: int | None = Field(None, gt=0)
     # auto: deterministic ops on CPU (same seed, same metrics), not on GPU, where they cannot
     # make the cuDNN LSTM reproducible and slow the embedding updates (distribute.resolve_deterministic)
     deterministic: bool | Literal["auto"] = "auto"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import resource
 import shutil
 import time
@@ -91,9 +90,12 @@ from pipeline.runs import (
 from pipeline.scoring import blend_logit, evaluate, fit_ngram_branch, score_texts
 from pipeline.vectorize import (
     adapt_vectorizer,
+    batch_ids,
     load_vocabulary,
     make_vectorizer,
     save_vocabulary,
+    steps_per_epoch,
+    vectorize_cached,
     vectorize_split,
 )
 
@@ -161,8 +163,9 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         teacher = (run_teacher(cfg, raw, run, teacher_dir)
                    if cfg.distill.enabled and run.status != "trained" else None)
         train_raw, train_cfg = student_split(cfg, raw, sizes["train"], teacher)
-        train_ds = vectorize_split(train_raw, vectorizer, cfg.vectorize, train_cfg, global_batch,
-                                   shuffle_seed=cfg.seed, replicas=replicas)
+        train_rows = vectorize_cached(train_raw, vectorizer, cfg.vectorize)
+        train_ds = batch_ids(train_rows, cfg.vectorize, train_cfg, global_batch,
+                             shuffle_seed=cfg.seed, replicas=replicas)
         val_ds = vectorize_split(raw.validation, vectorizer, cfg.vectorize, cfg.train, global_batch,
                                  replicas=replicas)
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
@@ -172,15 +175,15 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # word2vec, a vectors file or language models; a trained run's saved weights replace
         # any start, so it needs none (nor the minutes of pretraining a missing cache would cost).
         pretrained = {} if run.status == "trained" else initial_weights(cfg, vocabulary)
-        # A cosine schedule spans every step of train.epochs (the bucketed batches, about).
-        rows = sizes["train"] + (len(teacher.texts) if teacher is not None else 0)
-        decay_steps = (math.ceil(rows / global_batch) * cfg.train.epochs
-                       if cfg.train.lr_schedule == "cosine" else None)
+        # A cosine schedule spans every step of train.epochs, the batches counted per bucket.
+        decay_steps = (steps_per_epoch(train_rows, cfg.vectorize, train_cfg, global_batch, replicas)
+                       * cfg.train.epochs
+                       if cfg.train.lr_schedule == "cosine" and run.status != "trained" else None)
         with strategy.scope():
             model = build_model(len(vocabulary), **(model_kwargs(cfg.model) | {"learning_rate": lr}),
                                 decay_steps=decay_steps, **pretrained)
         fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
-        run.update(global_batch=global_batch, learning_rate=lr,
+        run.update(global_batch=global_batch, learning_rate=lr, decay_steps=decay_steps,
                    trainable_params=trainable_params(model))
 
         # Fit, unless an earlier session of this run got through it.

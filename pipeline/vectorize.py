@@ -7,9 +7,11 @@ every review being padded to `max_length`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline import atomic
@@ -89,6 +91,33 @@ def bucket_boundaries(max_length: int) -> list[int]:
     return edges
 
 
+def bucket_batch_sizes(edges: list[int], max_length: int, batch_size: int,
+                       max_batch_tokens: int | None, replicas: int = 1) -> list[int]:
+    """Reviews per batch in each length bucket (`edges` from `bucket_boundaries`; none: one
+    bucket): `batch_size`, or fewer where a bucket's longest reviews would put more than
+    `max_batch_tokens` in a replica's batch. A step's memory grows with its tokens, so the
+    bucket of the longest reviews sets a run's peak."""
+    longest = [edge - 1 for edge in edges] + [max_length]
+    if max_batch_tokens is None:
+        return [batch_size] * len(longest)
+    per_replica = batch_size // replicas
+    return [replicas * max(1, min(per_replica, max_batch_tokens // n)) for n in longest]
+
+
+def steps_per_epoch(rows: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig,
+                    batch_size: int, replicas: int = 1) -> int:
+    """The batches `batch_ids` makes of the cached `rows` in one epoch, counted per bucket.
+
+    The pass fills the rows' cache, which the epochs then read; it leaves the shuffle alone.
+    """
+    edges = bucket_boundaries(vcfg.max_length) if tcfg.bucket_by_length else []
+    sizes = bucket_batch_sizes(edges, vcfg.max_length, batch_size, tcfg.max_batch_tokens, replicas)
+    lengths = np.concatenate([np.zeros(0, np.int64)] + list(
+        rows.map(lambda ids, *_: tf.shape(ids, out_type=tf.int64)[0]).batch(4096).as_numpy_iterator()))
+    counts = np.bincount(np.searchsorted(edges, lengths, side="right"), minlength=len(sizes))
+    return sum(math.ceil(count / size) for count, size in zip(counts, sizes, strict=True))
+
+
 def vectorize_split(raw: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
                     vcfg: VectorizeConfig, tcfg: TrainConfig, batch_size: int,
                     shuffle_seed: int | None = None, replicas: int = 1) -> tf.data.Dataset:
@@ -124,15 +153,16 @@ def batch_ids(ds: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig, bat
     """
     if shuffle_seed is not None:
         ds = ds.shuffle(tcfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if tcfg.bucket_by_length:
-        edges = bucket_boundaries(vcfg.max_length)
+    edges = bucket_boundaries(vcfg.max_length) if tcfg.bucket_by_length else []
+    sizes = bucket_batch_sizes(edges, vcfg.max_length, batch_size, tcfg.max_batch_tokens, replicas)
+    if edges:
         ds = ds.bucket_by_sequence_length(
             element_length_func=lambda ids, *_: tf.shape(ids)[0],
             bucket_boundaries=edges,
-            bucket_batch_sizes=[batch_size] * (len(edges) + 1),
+            bucket_batch_sizes=sizes,
         )
     else:
-        ds = ds.padded_batch(batch_size)
+        ds = ds.padded_batch(sizes[0])
     if replicas > 1:
         ds = even_batches(ds, replicas)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -98,21 +98,23 @@ def test_data_keys_added_later_count_only_once_set():
     assert "train_files" not in data_key(DataConfig(source="files", train_files="a.csv").model_dump())
 
 
-@pytest.mark.parametrize("key,value", [("adversarial_epsilon", 0.02), ("word_dropout", 0.1)])
-def test_model_keys_added_later_count_only_once_set(monkeypatch, key, value):
+@pytest.mark.parametrize("key,value", [("model.adversarial_epsilon", 0.02), ("model.word_dropout", 0.1),
+                                       ("train.max_batch_tokens", 102400)])
+def test_keys_added_later_count_only_once_set(monkeypatch, key, value):
     import pipeline.runs as runs
     from pipeline.config import Config
 
     hashed = []
     monkeypatch.setattr(runs, "fingerprint", lambda d: hashed.append(d) or "x")
+    section, name = key.split(".")
     cfg = Config()
     runs.run_fingerprint(cfg, {})
-    runs.run_fingerprint(cfg.model_copy(update={"model": cfg.model.model_copy(
-        update={key: value})}), {})
+    runs.run_fingerprint(cfg.model_copy(update={section: getattr(cfg, section).model_copy(
+        update={name: value})}), {})
     # At its default the key is not hashed, so a run made before it existed keeps its fingerprint.
-    assert f"model.{key}" in runs.LATER_KEYS
-    assert key not in hashed[0]["model"]
-    assert hashed[1]["model"][key] == value
+    assert key in runs.LATER_KEYS
+    assert name not in hashed[0][section]
+    assert hashed[1][section][name] == value
 
 
 def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatch):
