@@ -205,6 +205,9 @@ class NgramsConfig(_Section):
     inverse_l2: float = Field(16.0, gt=0.0)  # the regression's C: larger, less regularized
     nb_weighting: bool = True  # scale each n-gram by its naive-Bayes log-count ratio first
     max_iter: int = Field(1000, gt=0)  # L-BFGS iterations for the regression
+    # Fit the branch on the unlabelled reviews too, labelled by the run's trained BiLSTM
+    # (co-training, pipeline/ngrams.py); a distillation teacher is always fitted without them
+    cotrain: bool = False
 
 
 class DistillConfig(_Section):

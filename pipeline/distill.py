@@ -58,17 +58,21 @@ def first_round(cfg: Config) -> Config:
     n-gram regression. Its served model (BiLSTM + n-gram blend) then teaches this run.
 
     The first round trains without adversarial training: it only labels the unlabelled reviews,
-    and at about 2.5x the time per epoch its gain belongs to the model that is served.
+    and at about 2.5x the time per epoch its gain belongs to the model that is served. Its
+    n-gram branch is fitted without them (no `ngrams.cotrain`): a teacher whose branch had
+    learned the very reviews it labels would hand back its own BiLSTM's labels.
     """
     return cfg.model_copy(update={"name": f"{cfg.name}-teacher",
                                   "model": cfg.model.model_copy(update={"adversarial_epsilon": 0.0}),
+                                  "ngrams": cfg.ngrams.model_copy(update={"cotrain": False}),
                                   "distill": cfg.distill.model_copy(update={"teacher": "ngrams"})})
 
 
 def cache_stem(cfg: Config) -> Path:
     """Where this config's teacher lives: the same data, n-gram settings and seed, the same files."""
     key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "download", "data_dir"})),
-           "ngrams": cfg.ngrams.model_dump(exclude={"enabled"}), "seed": cfg.seed,
+           # cotrain: the teacher's regression never fits the unlabelled reviews (`first_round`)
+           "ngrams": cfg.ngrams.model_dump(exclude={"enabled", "cotrain"}), "seed": cfg.seed,
            "max_unlabelled": cfg.distill.max_unlabelled, "teacher": cfg.distill.teacher}
     if cfg.data.source == "files":  # files are edited in place: their contents name the teacher
         key["data_identity"] = data_mod.data_identity(cfg.data)

@@ -14,7 +14,9 @@ separates the classes before the regression weighs it. r is folded into the weig
 The features come from one TensorFlow function used for training, evaluation and
 serving, on the tokens of the run's vectorizer (`pipeline.vectorize.standardize`), so
 the SavedModel computes exactly what was trained. The vocabulary, idf and NB ratio see
-training reviews only.
+training reviews only, and with `ngrams.cotrain` the unlabelled reviews too, labelled by the
+trained BiLSTM (co-training: each view labels unlabelled text for the other); never
+validation or test reviews.
 """
 
 from __future__ import annotations
@@ -143,10 +145,18 @@ def nb_ratio(x: sparse.csr_matrix, labels: np.ndarray, alpha: float = 1.0) -> np
     return (np.log(p / p.sum()) - np.log(q / q.sum())).astype(np.float32)
 
 
-def fit(texts: list[str], labels: np.ndarray, cfg: NgramsConfig) -> NgramModel:
-    """Vocabulary, idf, NB ratio and regression, all from the training reviews."""
+def fit(texts: list[str], labels: np.ndarray, cfg: NgramsConfig,
+        soft: tuple[list[str], np.ndarray] | None = None) -> NgramModel:
+    """Vocabulary, idf, NB ratio and regression, all from the training reviews, and from
+    `soft` (reviews, P(positive)) when given: unlabelled reviews with another model's
+    probabilities (`ngrams.cotrain`). A soft row enters the regression twice, as positive with
+    weight p and as negative with weight 1 - p (its cross-entropy on p), and the NB ratio as
+    its likelier class."""
     from sklearn.linear_model import LogisticRegression
 
+    n_gold = len(texts)
+    if soft is not None:
+        texts, labels = texts + soft[0], np.concatenate([labels, (soft[1] > 0.5).astype(labels.dtype)])
     vocabulary, idf = build_vocabulary(texts, cfg)
     log.info("n-grams: %d of order 1-%d in at least %d training reviews", len(vocabulary),
              cfg.order, cfg.min_df)
@@ -154,8 +164,15 @@ def fit(texts: list[str], labels: np.ndarray, cfg: NgramsConfig) -> NgramModel:
     layer.set_values(idf, np.zeros_like(idf), 0.0)
     x = feature_matrix(layer, texts)
     ratio = nb_ratio(x, labels) if cfg.nb_weighting else np.ones(x.shape[1], np.float32)
+    x = x @ sparse.diags(ratio)
+    weight = None
+    if soft is not None:
+        p = soft[1].astype(np.float64)
+        x = sparse.vstack([x, x[n_gold:]]).tocsr()
+        labels = np.concatenate([labels[:n_gold], np.ones(len(p)), np.zeros(len(p))])
+        weight = np.concatenate([np.ones(n_gold), p, 1.0 - p])
     regression = LogisticRegression(C=cfg.inverse_l2, max_iter=cfg.max_iter)
-    regression.fit(x @ sparse.diags(ratio), labels)
+    regression.fit(x, labels, sample_weight=weight)
     weights = (regression.coef_.ravel() * ratio).astype(np.float32)
     return NgramModel(vocabulary, idf, weights, float(regression.intercept_[0]), cfg.order)
 

@@ -69,7 +69,8 @@ LATER_DATA_KEYS = ("text_key", "label_key", "train_split", "test_split", "train_
                    "unlabelled_files", "text_column", "label_column", "test_fraction", "skip_bad_rows",
                    "labels")
 # The same for keys of other sections (section.key), counted only once set away from their default.
-LATER_KEYS = ("model.adversarial_epsilon", "model.word_dropout", "train.max_batch_tokens")
+LATER_KEYS = ("model.adversarial_epsilon", "model.word_dropout", "train.max_batch_tokens",
+              "ngrams.cotrain")
 
 
 class RunBusyError(PipelineError):

@@ -85,12 +85,19 @@ def blend_logit(lstm_logit, ngram_logit, blend: tuple[float, float, float]):
 
 def fit_ngram_branch(cfg: Config, vectorizer: keras.layers.TextVectorization, model: keras.Model,
                      train: tuple[list[str], np.ndarray], validation: tuple[list[str], np.ndarray],
-                     branch: NgramModel | None = None) -> NgramModel:
+                     branch: NgramModel | None = None, unlabelled: list[str] | None = None
+                     ) -> NgramModel:
     """The n-gram regression on the training reviews (unless `branch` is that regression
-    already: a distilling run's teacher), and its blend with the trained LSTM on the
+    already: a distilling run's teacher), plus, given `unlabelled` reviews, those labelled by
+    the trained LSTM's probabilities (co-training); then its blend with the LSTM on the
     validation reviews (which neither model was fitted on)."""
     t0 = time.time()
-    if branch is None:
+    if unlabelled is not None:
+        z_lstm, _ = score_texts(vectorizer, model, unlabelled, cfg.vectorize.max_length)
+        log.info("n-gram branch: fitting on %d training reviews + %d labelled by the LSTM",
+                 len(train[0]), len(unlabelled))
+        branch = ngrams.fit(*train, cfg.ngrams, soft=(unlabelled, sigmoid(z_lstm)))
+    elif branch is None:
         log.info("n-gram branch: fitting on %d training reviews", len(train[0]))
         branch = ngrams.fit(*train, cfg.ngrams)
     texts, labels = validation

@@ -393,14 +393,16 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
                  model: keras.Model, run: Run, teacher: distill.Teacher | None = None,
                  teacher_dir: Path | None = None) -> ngrams.NgramModel:
     """The run's n-gram branch: fitted once (`fit_ngram_branch`), saved in the run, reloaded
-    on a rerun. A distilling run's teacher is the same regression on the same reviews: reused."""
+    on a rerun. A distilling run's teacher is the same regression on the same reviews: reused,
+    unless `ngrams.cotrain` refits it on the unlabelled reviews too, labelled by `model`."""
     path = run.dir / NGRAMS_FILE
     if path.is_file():
         return ngrams.load(path)
-    if teacher is None and cfg.distill.enabled:  # a run resumed after training: from the cache
-        teacher = run_teacher(cfg, raw, run, teacher_dir)
+    unlabelled = distill.unlabelled_reviews(cfg) if cfg.ngrams.cotrain else None
+    if teacher is None and cfg.distill.enabled and unlabelled is None:
+        teacher = run_teacher(cfg, raw, run, teacher_dir)  # a run resumed after training: cached
     branch = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw.train),
                               data_mod.decoded(raw.validation),
-                              teacher.branch if teacher is not None else None)
+                              teacher.branch if teacher is not None else None, unlabelled)
     ngrams.save(branch, path)
     return branch

@@ -73,6 +73,35 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
     assert info["distill"]["unlabelled_reviews"] == N_UNSUP and info["distill"]["cached"] is False
 
 
+def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabilities(
+        unsup_dir, tmp_path, monkeypatch):
+    from pipeline.export import load_run
+    from pipeline.scoring import score_texts
+
+    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true")
+    real_fit, calls = pipeline.ngrams.fit, []
+
+    def fit(texts, labels, ngrams_cfg, soft=None):
+        calls.append((texts, soft))
+        return real_fit(texts, labels, ngrams_cfg, soft=soft)
+
+    monkeypatch.setattr(pipeline.ngrams, "fit", fit)
+    result = train(cfg, export=False)
+
+    raw = load_raw(cfg.data, cfg.seed)
+    train_texts = decoded(raw.train)[0]
+    held_out = set(decoded(raw.validation)[0]) | set(decoded(raw.test)[0])
+    # twice: the teacher on the training reviews alone, then the served branch with the soft rows
+    assert [texts == train_texts for texts, _ in calls] == [True, True]
+    assert calls[0][1] is None and calls[1][1] is not None
+    texts, probabilities = calls[1][1]
+    assert texts == distill.unlabelled_reviews(cfg) and not held_out & set(texts)
+    run_cfg, vectorizer, model, _ = load_run(result.run_dir)
+    z_lstm, _ = score_texts(vectorizer, model, texts, run_cfg.vectorize.max_length)
+    np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-z_lstm)), atol=1e-5)
+    assert np.ptp(probabilities) > 0.1  # the trained BiLSTM's, not a constant
+
+
 def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
     cfg = _cfg(unsup_dir, tmp_path, "distill.temperature=2.0", "distill.weight=0.5")
     raw = load_raw(cfg.data, cfg.seed)
@@ -129,6 +158,8 @@ def test_the_first_round_is_this_config_taught_by_the_ngrams_without_adversarial
     first = distill.first_round(cfg)
     assert (first.name, first.distill.teacher) == ("x-teacher", "ngrams")
     assert first.model.adversarial_epsilon == 0.0
+    assert first.ngrams.cotrain is False and distill.first_round(cfg.model_copy(update={
+        "ngrams": cfg.ngrams.model_copy(update={"cotrain": True})})).ngrams == first.ngrams
     # Everything else is the same config.
     assert first.model.model_copy(update={"adversarial_epsilon": 0.02}) == cfg.model
     assert (first.train, first.vectorize, first.data) == (cfg.train, cfg.vectorize, cfg.data)

@@ -76,3 +76,16 @@ def test_branch_separates_reviews_and_round_trips(tmp_path):
     again = ngrams.load(path)
     assert again.vocabulary == model.vocabulary and again.order == model.order
     assert np.array_equal(ngrams.ngram_layer(again)(tf.constant(held_out)).numpy(), logits)
+
+
+def test_soft_rows_teach_the_branch_their_probabilities():
+    texts, labels = _reviews(200)
+    # "zorgle" is only in the unlabelled reviews: its weight can come from their labels alone
+    unlabelled = [f"zorgle {t}" for t in _reviews(40, seed=2)[0]]
+    weights = {}
+    for p in (0.95, 0.05):
+        model = ngrams.fit(texts, labels, NgramsConfig(order=1), soft=(unlabelled, np.full(40, p)))
+        weights[p] = dict(zip(model.vocabulary, model.weights, strict=True))["zorgle"]
+    assert weights[0.95] > 0 > weights[0.05]
+    plain = ngrams.fit(texts, labels, NgramsConfig(order=1))
+    assert "zorgle" not in plain.vocabulary
