@@ -4,7 +4,7 @@ the finished run's BiLSTM (the other view), and does the served blend gain with 
     TFDS_DATA_DIR=<prepared tfds folder> .venv/bin/python benchmarks/cotrain_probe.py runs/<name>/<run>/
 
 For the run's own branch and for branches refitted on the training reviews plus the 50,000
-unlabelled ones (soft labels: each unlabelled review twice, weighted p and 1 - p), it refits
+unlabelled ones (`ngrams.fit(..., soft=...)`, as `ngrams.cotrain` does), it refits
 the blend on validation and prints validation and test accuracy (all test reviews) of the
 n-grams alone and served. The BiLSTM is the run's, unchanged.
 """
@@ -20,35 +20,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from scipy import sparse  # noqa: E402
 
 from pipeline import data as data_mod  # noqa: E402
 from pipeline import distill, ngrams  # noqa: E402
 from pipeline.export import load_run  # noqa: E402
 from pipeline.scoring import blend_logit, fit_blend, score_texts, sigmoid  # noqa: E402
-
-
-def fit_with_unlabelled(train: tuple[list[str], np.ndarray], texts: list[str], p: np.ndarray,
-                        cfg) -> ngrams.NgramModel:
-    """ngrams.fit on gold rows plus soft-labelled rows (each twice, weights p and 1 - p)."""
-    from sklearn.linear_model import LogisticRegression
-
-    all_texts = train[0] + texts
-    vocabulary, idf = ngrams.build_vocabulary(all_texts, cfg)
-    layer = ngrams.NgramLogit(vocabulary, cfg.order)
-    layer.set_values(idf, np.zeros_like(idf), 0.0)
-    x = ngrams.feature_matrix(layer, all_texts)
-    n = len(train[0])
-    hard = np.concatenate([train[1], (p > 0.5).astype(train[1].dtype)])
-    ratio = ngrams.nb_ratio(x, hard)
-    xr = x @ sparse.diags(ratio)
-    xs = sparse.vstack([xr[:n], xr[n:], xr[n:]]).tocsr()
-    y = np.concatenate([train[1], np.ones(len(texts)), np.zeros(len(texts))])
-    w = np.concatenate([np.ones(n), p, 1 - p])
-    regression = LogisticRegression(C=cfg.inverse_l2, max_iter=cfg.max_iter)
-    regression.fit(xs, y, sample_weight=w)
-    weights = (regression.coef_.ravel() * ratio).astype(np.float32)
-    return ngrams.NgramModel(vocabulary, idf, weights, float(regression.intercept_[0]), cfg.order)
 
 
 def main(run_dir: Path) -> None:
@@ -70,7 +46,7 @@ def main(run_dir: Path) -> None:
     arms = [("run's branch", branch)]
     for name, p in teachers.items():
         t0 = time.time()
-        arms.append((f"refit, {name} labels", fit_with_unlabelled(train, unlabelled, p, cfg.ngrams)))
+        arms.append((f"refit, {name} labels", ngrams.fit(*train, cfg.ngrams, soft=(unlabelled, p))))
         print(f"fitted {name} in {time.time() - t0:.0f}s", flush=True)
     for name, b in arms:
         zv = ngrams_logit(b, val[0])

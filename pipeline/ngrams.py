@@ -13,10 +13,10 @@ separates the classes before the regression weighs it. r is folded into the weig
 
 The features come from one TensorFlow function used for training, evaluation and
 serving, on the tokens of the run's vectorizer (`pipeline.vectorize.standardize`), so
-the SavedModel computes exactly what was trained. The vocabulary, idf and NB ratio see
-training reviews only, and with `ngrams.cotrain` the unlabelled reviews too, labelled by the
-trained BiLSTM (co-training: each view labels unlabelled text for the other); never
-validation or test reviews.
+the SavedModel computes exactly what was trained. The vocabulary and idf see training
+reviews only; the NB ratio and the regression see them and, with `ngrams.cotrain`, the
+unlabelled reviews too, labelled by the trained BiLSTM (co-training: each view labels
+unlabelled text for the other); never validation or test reviews.
 """
 
 from __future__ import annotations
@@ -147,17 +147,18 @@ def nb_ratio(x: sparse.csr_matrix, labels: np.ndarray, alpha: float = 1.0) -> np
 
 def fit(texts: list[str], labels: np.ndarray, cfg: NgramsConfig,
         soft: tuple[list[str], np.ndarray] | None = None) -> NgramModel:
-    """Vocabulary, idf, NB ratio and regression, all from the training reviews, and from
-    `soft` (reviews, P(positive)) when given: unlabelled reviews with another model's
+    """Vocabulary and idf from the training reviews; NB ratio and regression from them and
+    from `soft` (reviews, P(positive)) when given: unlabelled reviews with another model's
     probabilities (`ngrams.cotrain`). A soft row enters the regression twice, as positive with
     weight p and as negative with weight 1 - p (its cross-entropy on p), and the NB ratio as
-    its likelier class."""
+    its likelier class. Its n-grams count only where the training reviews have them: counting
+    every n-gram of 72,500 reviews took more memory than training the BiLSTM."""
     from sklearn.linear_model import LogisticRegression
 
+    vocabulary, idf = build_vocabulary(texts, cfg)
     n_gold = len(texts)
     if soft is not None:
         texts, labels = texts + soft[0], np.concatenate([labels, (soft[1] > 0.5).astype(labels.dtype)])
-    vocabulary, idf = build_vocabulary(texts, cfg)
     log.info("n-grams: %d of order 1-%d in at least %d training reviews", len(vocabulary),
              cfg.order, cfg.min_df)
     layer = NgramLogit(vocabulary, cfg.order)

@@ -80,12 +80,16 @@ def test_branch_separates_reviews_and_round_trips(tmp_path):
 
 def test_soft_rows_teach_the_branch_their_probabilities():
     texts, labels = _reviews(200)
-    # "zorgle" is only in the unlabelled reviews: its weight can come from their labels alone
+    # "zorgle" is in one positive and one negative training review, and in every unlabelled
+    # one: its weight's sign can only come from their labels
+    texts[0], texts[1] = f"zorgle {texts[0]}", f"zorgle {texts[1]}"
     unlabelled = [f"zorgle {t}" for t in _reviews(40, seed=2)[0]]
     weights = {}
     for p in (0.95, 0.05):
         model = ngrams.fit(texts, labels, NgramsConfig(order=1), soft=(unlabelled, np.full(40, p)))
         weights[p] = dict(zip(model.vocabulary, model.weights, strict=True))["zorgle"]
     assert weights[0.95] > 0 > weights[0.05]
-    plain = ngrams.fit(texts, labels, NgramsConfig(order=1))
-    assert "zorgle" not in plain.vocabulary
+    # n-grams only the unlabelled reviews have stay out: the vocabulary is the training reviews'
+    extra = ngrams.fit(texts, labels, NgramsConfig(order=1), soft=(["blorp " + t for t in unlabelled],
+                                                                    np.full(40, 0.9)))
+    assert extra.vocabulary == ngrams.fit(texts, labels, NgramsConfig(order=1)).vocabulary
