@@ -43,7 +43,7 @@ def main(run_dir: Path) -> None:
         "bilstm": sigmoid(z_u_lstm),
         "served": sigmoid(blend_logit(z_u_lstm, z_u_ngram, branch.blend)),
     }
-    arms = [("run's branch", branch)]
+    arms = [("run's branch", branch), ("refit, training reviews only", ngrams.fit(*train, cfg.ngrams))]
     for name, p in teachers.items():
         t0 = time.time()
         arms.append((f"refit, {name} labels", ngrams.fit(*train, cfg.ngrams, soft=(unlabelled, p))))
