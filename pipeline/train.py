@@ -405,4 +405,6 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
                               data_mod.decoded(raw.validation),
                               teacher.branch if teacher is not None else None, unlabelled)
     ngrams.save(branch, path)
+    run.update(ngrams={"n_grams": len(branch.vocabulary), "blend": list(branch.blend),
+                       "cotrained_on": len(unlabelled) if unlabelled is not None else 0})
     return branch

@@ -100,6 +100,7 @@ def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabili
     z_lstm, _ = score_texts(vectorizer, model, texts, run_cfg.vectorize.max_length)
     np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-z_lstm)), atol=1e-5)
     assert np.ptp(probabilities) > 0.1  # the trained BiLSTM's, not a constant
+    assert json.loads((result.run_dir / "run.json").read_text())["ngrams"]["cotrained_on"] == N_UNSUP
 
 
 def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
