@@ -204,7 +204,7 @@ def test_gpu_profile_loads_and_asks_for_a_gpu_setup():
     assert cfg.model.lstm_units > default.model.lstm_units
     same = {"learning_rate": 0, "lstm_units": 0}
     assert cfg.model.model_copy(update=same) == default.model.model_copy(update=same)
-    assert cfg.distill == default.distill
+    assert cfg.distill == default.distill and cfg.ngrams == default.ngrams
     assert cfg.vectorize == default.vectorize and cfg.data == default.data
 
 
