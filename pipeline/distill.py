@@ -95,10 +95,23 @@ def unlabelled_reviews(cfg: Config) -> list[str]:
         ds = ds.take(cfg.distill.max_unlabelled)
     texts = [t.decode("utf-8", "replace") for t in ds.as_numpy_iterator()]
     if not texts:
-        raise data_mod.DataError("distill.enabled needs unlabelled reviews, and the data source has "
-                                 "none (tfds: an `unsupervised` split; a folder: train/unsup/*.txt; "
-                                 "files: data.unlabelled_files)")
+        raise no_unlabelled_reviews()
     return texts
+
+
+def no_unlabelled_reviews() -> data_mod.DataError:
+    return data_mod.DataError(
+        "distill.enabled and ngrams.cotrain need unlabelled reviews, and the data source has none "
+        "(tfds: an `unsupervised` split; a folder: train/unsup/*.txt; files: data.unlabelled_files); "
+        "add some, or set distill.enabled=false ngrams.cotrain=false")
+
+
+def check_unlabelled(cfg: Config) -> None:
+    """Fail before any training when distillation or co-training will want unlabelled reviews
+    and the data source has none."""
+    wanted = cfg.distill.enabled or (cfg.ngrams.enabled and cfg.ngrams.cotrain)
+    if wanted and not any(True for _ in data_mod.unsupervised_texts(cfg.data).take(1)):
+        raise no_unlabelled_reviews()
 
 
 def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:

@@ -134,6 +134,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     # Data: read through (a damaged file is named) before anything is written under runs/.
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     sizes = data_mod.check_nonempty(raw)
+    distill.check_unlabelled(cfg)
     log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()))
     fingerprint = run_fingerprint(cfg, data_mod.data_identity(cfg.data))
 

@@ -149,8 +149,15 @@ def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
     from pipeline.data import DataError
 
     cfg = _cfg(imdb_dir, tmp_path)  # no train/unsup folder
-    with pytest.raises(DataError, match="needs unlabelled reviews"):
+    with pytest.raises(DataError, match="need unlabelled reviews"):
         distill.teacher(cfg, decoded(load_raw(cfg.data, cfg.seed).train))
+    # co-training alone wants them too; either way the run stops before anything is written
+    for settings in (["distill.enabled=true"], ["distill.enabled=false", "ngrams.enabled=true",
+                                                "ngrams.cotrain=true"]):
+        cfg = _cfg(imdb_dir, tmp_path, *settings)
+        with pytest.raises(DataError, match="set distill.enabled=false ngrams.cotrain=false"):
+            train(cfg, export=False)
+        assert not (tmp_path / "runs").exists()
 
 
 def test_the_first_round_is_this_config_taught_by_the_ngrams_without_adversarial_training():
