@@ -11,7 +11,6 @@ n-grams alone and served. The BiLSTM is the run's, unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np  # noqa: E402
 from pipeline import data as data_mod  # noqa: E402
 from pipeline import distill, ngrams  # noqa: E402
 from pipeline.export import load_run  # noqa: E402
-from pipeline.scoring import blend_logit, fit_blend, score_texts, sigmoid  # noqa: E402
+from pipeline.scoring import blend_logit, fit_blend, ngram_logits, score_texts, sigmoid  # noqa: E402
 
 
 def main(run_dir: Path) -> None:
@@ -49,22 +48,13 @@ def main(run_dir: Path) -> None:
         arms.append((f"refit, {name} labels", ngrams.fit(*train, cfg.ngrams, soft=(unlabelled, p))))
         print(f"fitted {name} in {time.time() - t0:.0f}s", flush=True)
     for name, b in arms:
-        zv = ngrams_logit(b, val[0])
-        zt = ngrams_logit(b, test[0])
+        zv, zt = ngram_logits(b, val[0]), ngram_logits(b, test[0])
         blend = fit_blend(z_v_lstm, zv, val[1])
-        b = dataclasses.replace(b, blend=blend)
         served_v = np.mean((blend_logit(z_v_lstm, zv, blend) > 0) == val[1])
         served_t = blend_logit(z_t_lstm, zt, blend)
         print(f"{name}: n-grams val {np.mean((zv > 0) == val[1]):.4f} test {np.mean((zt > 0) == test[1]):.4f}"
               f" | served val {served_v:.4f} test {np.mean((served_t > 0) == test[1]):.4f}"
               f" auc {auc(test[1], served_t):.4f} | blend {tuple(round(v, 3) for v in blend)}", flush=True)
-
-
-def ngrams_logit(b: ngrams.NgramModel, texts: list[str]) -> np.ndarray:
-    import tensorflow as tf
-
-    f = tf.function(b.layer, input_signature=[tf.TensorSpec([None], tf.string)])
-    return np.concatenate([f(tf.constant(texts[i:i + 512])).numpy() for i in range(0, len(texts), 512)])
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -399,7 +399,9 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
     path = run.dir / NGRAMS_FILE
     if path.is_file():
         return ngrams.load(path)
-    unlabelled = distill.unlabelled_reviews(cfg) if cfg.ngrams.cotrain else None
+    unlabelled = None
+    if cfg.ngrams.cotrain:  # the teacher, when there is one, holds them already
+        unlabelled = teacher.texts if teacher is not None else distill.unlabelled_reviews(cfg)
     if teacher is None and cfg.distill.enabled and unlabelled is None:
         teacher = run_teacher(cfg, raw, run, teacher_dir)  # a run resumed after training: cached
     branch = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw.train),

@@ -104,14 +104,22 @@ def bucket_batch_sizes(edges: list[int], max_length: int, batch_size: int,
     return [replicas * max(1, min(per_replica, max_batch_tokens // n)) for n in longest]
 
 
+def buckets(vcfg: VectorizeConfig, tcfg: TrainConfig, batch_size: int, replicas: int = 1
+            ) -> tuple[list[int], list[int]]:
+    """The length edges `batch_ids` buckets by (none without bucketing) and each bucket's
+    reviews per batch."""
+    edges = bucket_boundaries(vcfg.max_length) if tcfg.bucket_by_length else []
+    return edges, bucket_batch_sizes(edges, vcfg.max_length, batch_size, tcfg.max_batch_tokens,
+                                     replicas)
+
+
 def steps_per_epoch(rows: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig,
                     batch_size: int, replicas: int = 1) -> int:
     """The batches `batch_ids` makes of the cached `rows` in one epoch, counted per bucket.
 
     The pass fills the rows' cache, which the epochs then read; it leaves the shuffle alone.
     """
-    edges = bucket_boundaries(vcfg.max_length) if tcfg.bucket_by_length else []
-    sizes = bucket_batch_sizes(edges, vcfg.max_length, batch_size, tcfg.max_batch_tokens, replicas)
+    edges, sizes = buckets(vcfg, tcfg, batch_size, replicas)
     lengths = np.concatenate([np.zeros(0, np.int64)] + list(
         rows.map(lambda ids, *_: tf.shape(ids, out_type=tf.int64)[0]).batch(4096).as_numpy_iterator()))
     counts = np.bincount(np.searchsorted(edges, lengths, side="right"), minlength=len(sizes))
@@ -153,8 +161,7 @@ def batch_ids(ds: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig, bat
     """
     if shuffle_seed is not None:
         ds = ds.shuffle(tcfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    edges = bucket_boundaries(vcfg.max_length) if tcfg.bucket_by_length else []
-    sizes = bucket_batch_sizes(edges, vcfg.max_length, batch_size, tcfg.max_batch_tokens, replicas)
+    edges, sizes = buckets(vcfg, tcfg, batch_size, replicas)
     if edges:
         ds = ds.bucket_by_sequence_length(
             element_length_func=lambda ids, *_: tf.shape(ids)[0],
