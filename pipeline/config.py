@@ -220,6 +220,16 @@ class DistillConfig(_Section):
     weight: float = Field(1.0, gt=0.0)  # loss weight of an unlabelled review against a labelled one
     temperature: float = Field(1.0, gt=0.0)  # teacher logit / T: > 1 softens its targets
     max_unlabelled: int | None = Field(None, gt=0)  # unlabelled reviews used; None = all
+    # served only: the student starts from the first run's trained weights instead of word2vec,
+    # so its epochs add to the first run's rather than starting over
+    warm_start: bool = False
+
+    @model_validator(mode="after")
+    def _warm_start_needs_a_first_run(self) -> DistillConfig:
+        if self.warm_start and self.teacher != "served":
+            raise ValueError("warm_start needs teacher 'served': the n-gram teacher has no BiLSTM "
+                             "to start from")
+        return self
 
 
 class Config(_Section):

@@ -60,12 +60,14 @@ def first_round(cfg: Config) -> Config:
     The first round trains without adversarial training: it only labels the unlabelled reviews,
     and at about 2.5x the time per epoch its gain belongs to the model that is served. Its
     n-gram branch is fitted without them (no `ngrams.cotrain`): a teacher whose branch had
-    learned the very reviews it labels would hand back its own BiLSTM's labels.
+    learned the very reviews it labels would hand back its own BiLSTM's labels. It starts
+    from word2vec as usual (no `distill.warm_start`): it is the run a warm start starts from.
     """
     return cfg.model_copy(update={"name": f"{cfg.name}-teacher",
                                   "model": cfg.model.model_copy(update={"adversarial_epsilon": 0.0}),
                                   "ngrams": cfg.ngrams.model_copy(update={"cotrain": False}),
-                                  "distill": cfg.distill.model_copy(update={"teacher": "ngrams"})})
+                                  "distill": cfg.distill.model_copy(update={"teacher": "ngrams",
+                                                                             "warm_start": False})})
 
 
 def cache_stem(cfg: Config) -> Path:

@@ -76,6 +76,7 @@ from pipeline.runs import (
     VOCAB_FILE,
     WEIGHTS_FILE,
     ResumableEarlyStopping,
+    ResumeError,
     Run,
     SeedStateBackup,
     best_so_far,
@@ -175,7 +176,9 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         lr = cfg.model.learning_rate * (replicas if cfg.train.lr_scaling == "linear" else 1)
         # word2vec, a vectors file or language models; a trained run's saved weights replace
         # any start, so it needs none (nor the minutes of pretraining a missing cache would cost).
-        pretrained = {} if run.status == "trained" else initial_weights(cfg, vocabulary)
+        # distill.warm_start: the first run's trained weights replace any start as well.
+        warm = teacher_dir is not None and cfg.distill.warm_start and run.status != "trained"
+        pretrained = {} if run.status == "trained" or warm else initial_weights(cfg, vocabulary)
         # A cosine schedule spans every step of train.epochs, the batches counted per bucket.
         decay_steps = (steps_per_epoch(train_rows, cfg.vectorize, train_cfg, global_batch, replicas)
                        * cfg.train.epochs
@@ -183,6 +186,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         with strategy.scope():
             model = build_model(len(vocabulary), **(model_kwargs(cfg.model) | {"learning_rate": lr}),
                                 decay_steps=decay_steps, **pretrained)
+            if warm:  # a resumed run's backup then replaces these weights as it would any start
+                start_from_teacher(model, teacher_dir, run.dir)
         fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
         run.update(global_batch=global_batch, learning_rate=lr, decay_steps=decay_steps,
                    trainable_params=trainable_params(model))
@@ -284,6 +289,20 @@ def run_teacher(cfg: Config, raw: data_mod.RawSplits, run: Run, teacher_dir: Pat
                         "mean_probability": round(float(np.mean(t.probabilities)), 4),
                         "from": where, "cached": t.cached})
     return t
+
+
+def start_from_teacher(model: keras.Model, teacher_dir: Path, run_dir: Path) -> None:
+    """Load the finished first run's trained weights (not its optimizer state) into the student.
+
+    Both rounds adapt their vocabulary on the same training reviews with the same settings, so
+    token ids mean the same; a vocabulary that differs would scramble every embedding row.
+    """
+    if load_vocabulary(teacher_dir / VOCAB_FILE) != load_vocabulary(run_dir / VOCAB_FILE):
+        raise ResumeError(f"distill.warm_start: the teacher run {teacher_dir} has another "
+                          "vocabulary than this run; train it again (delete it) or set "
+                          "distill.warm_start=false")
+    log.info("distill: the student starts from the teacher run's weights (%s)", teacher_dir / WEIGHTS_FILE)
+    load_weights(model, teacher_dir / WEIGHTS_FILE)
 
 
 def student_split(cfg: Config, raw: data_mod.RawSplits, n_train: int,

@@ -236,6 +236,41 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     assert again.metrics == student.metrics  # the same seed draws the same numbers either way
 
 
+def test_a_warm_started_student_begins_at_the_first_runs_weights(unsup_dir, tmp_path, monkeypatch):
+    import pipeline.train as spine
+    from pipeline.export import load_run
+    from pipeline.runs import ResumeError
+
+    started, fit = {}, spine.fit  # config name -> the model's weights as its fit begins
+
+    def recording_fit(cfg, model, *args):
+        started[cfg.name] = model.get_weights()
+        return fit(cfg, model, *args)
+
+    monkeypatch.setattr(spine, "fit", recording_fit)
+
+    runs = {}
+    for warm in (True, False):
+        cfg = _cfg(unsup_dir, tmp_path, "distill.teacher=served", "ngrams.enabled=true",
+                   "train.epochs=2", f"distill.warm_start={str(warm).lower()}", f"name=warm-{warm}")
+        runs[warm] = train(cfg, export=False).run_dir
+        teacher = next((tmp_path / "runs" / f"warm-{warm}-teacher").iterdir())
+        trained = load_run(teacher)[2].get_weights()
+        same = [np.array_equal(a, b) for a, b in zip(started[f"warm-{warm}"], trained, strict=True)]
+        # warm: every weight is the first run's trained one; cold: the embedding at least is not
+        assert all(same) if warm else not same[0]
+
+    # a teacher whose token ids mean something else is refused, with what to do
+    (teacher / "vocabulary.txt").write_text("other\nwords\n")
+    with pytest.raises(ResumeError, match="another vocabulary.*distill.warm_start=false"):
+        spine.start_from_teacher(keras.Sequential([keras.layers.Dense(1)]), teacher, runs[True])
+
+
+def test_warm_start_needs_a_served_teacher():
+    with pytest.raises(ValueError, match="warm_start needs teacher 'served'"):
+        load_config(None, ["distill.enabled=true", "distill.warm_start=true"])
+
+
 def test_a_files_source_distills_from_its_unlabelled_files(tmp_path):
     from tests.helpers import files_overrides, review_rows, write_table
 
