@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from tests.helpers import files_overrides, review_rows, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,24 @@ def test_shipped_configs_load_with_every_value_they_set(name):
         for part in key.split("."):
             node = node[part]
         assert node == value, key
+
+
+def test_the_readmes_own_data_command_trains_on_one_csv(tmp_path):
+    from pipeline.data import DataError
+    from pipeline.train import train
+
+    reviews = write_table(tmp_path / "reviews.csv", review_rows(60, labels=("bad", "good")))
+    tiny = [o for o in files_overrides(reviews, tmp_path) if not o.startswith("data.")]
+    # README "Your own data": the example profile with only the training file given
+    cfg = load_config(ROOT / "configs" / "example-files.yaml", [*tiny, f"data.train_files={reviews}"])
+    result = train(cfg, export=False)
+    assert result.metrics["confusion_matrix"]["labels"] == ["bad", "good"]
+    # the default profile's teacher wants unlabelled reviews too, and says so before training
+    default = load_config(ROOT / "configs" / "default.yaml", [*tiny, "name=d", "data.source=files",
+                                                               f"data.train_files={reviews}"])
+    with pytest.raises(DataError, match="need unlabelled reviews.*data.unlabelled_files"):
+        train(default, export=False)
+    assert not (tmp_path / "runs" / "d").exists()
 
 
 def test_overrides_are_typed_and_applied():
