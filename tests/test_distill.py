@@ -182,17 +182,19 @@ def test_training_metrics_count_a_soft_target_as_the_teachers_label():
 
 
 @pytest.mark.slow
-def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("teacher", [(), ("distill.teacher=served", "distill.warm_start=true")],
+                         ids=["ngrams", "served-warm-start"])
+def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_path, monkeypatch, teacher):
     # a cosine rate, so the resumed optimizer must also carry on the schedule where it was
     extra = ("train.epochs=4", "train.early_stopping_patience=4", "model.dropout=0.3",
-             "train.lr_schedule=cosine")
+             "train.lr_schedule=cosine", *teacher)
     reference = train(_cfg(unsup_dir, tmp_path / "reference", *extra), export=False)
 
     import pipeline.train as spine
 
-    callbacks = spine.make_callbacks
+    callbacks = spine.make_callbacks  # Ctrl-C in the student's third epoch; a first round finishes
     monkeypatch.setattr(spine, "make_callbacks", lambda cfg, run_dir: callbacks(cfg, run_dir)
-                        + [StopAt(2)])
+                        + ([] if cfg.name.endswith("-teacher") else [StopAt(2)]))
     cfg = _cfg(unsup_dir, tmp_path / "resumed", *extra)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, export=False)
