@@ -220,6 +220,9 @@ class DistillConfig(_Section):
     weight: float = Field(1.0, gt=0.0)  # loss weight of an unlabelled review against a labelled one
     temperature: float = Field(1.0, gt=0.0)  # teacher logit / T: > 1 softens its targets
     max_unlabelled: int | None = Field(None, gt=0)  # unlabelled reviews used; None = all
+    # short spans (one or two sentences) cut from each unlabelled review, labelled by the teacher
+    # as it reads them: served texts are often that short, and IMDB reviews are not
+    crops: int = Field(0, ge=0)
     # served only: the student starts from the first run's trained weights instead of word2vec,
     # so its epochs add to the first run's rather than starting over
     warm_start: bool = False

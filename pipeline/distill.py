@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ def cache_stem(cfg: Config) -> Path:
            # cotrain: the teacher's regression never fits the unlabelled reviews (`first_round`)
            "ngrams": cfg.ngrams.model_dump(exclude={"enabled", "cotrain"}), "seed": cfg.seed,
            "max_unlabelled": cfg.distill.max_unlabelled, "teacher": cfg.distill.teacher}
+    if cfg.distill.crops:  # only when set, so the caches written before the key existed still match
+        key["crops"] = cfg.distill.crops
     if cfg.data.source == "files":  # files are edited in place: their contents name the teacher
         key["data_identity"] = data_mod.data_identity(cfg.data)
     return Path(cfg.pretrain.directory) / f"teacher-{cfg.distill.teacher}-{fingerprint(key)}"
@@ -91,14 +94,42 @@ def texts_digest(texts: list[str]) -> str:
 
 
 def unlabelled_reviews(cfg: Config) -> list[str]:
-    """The unlabelled reviews, decoded, in a fixed order, capped at `distill.max_unlabelled`."""
+    """The unlabelled reviews, decoded, in a fixed order, capped at `distill.max_unlabelled`;
+    then `distill.crops` short spans of each (`sentence_crops`)."""
     ds = data_mod.unsupervised_texts(cfg.data)
     if cfg.distill.max_unlabelled:
         ds = ds.take(cfg.distill.max_unlabelled)
     texts = [t.decode("utf-8", "replace") for t in ds.as_numpy_iterator()]
     if not texts:
         raise no_unlabelled_reviews()
-    return texts
+    return texts + sentence_crops(texts, cfg.distill.crops, cfg.seed)
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|<br\s*/?>")
+
+
+def sentence_crops(texts: list[str], per_text: int, seed: int) -> list[str]:
+    """`per_text` spans of each text, each one or two consecutive sentences from a random place
+    (5 to 30 words where a text has a single sentence), in a fixed order for a seed.
+
+    A model trained on whole reviews reads one sentence through features pooled over hundreds
+    of words; its teacher's label of the span itself shows it what a short text says.
+    """
+    rng = np.random.default_rng(seed)
+    crops = []
+    for text in texts:
+        sentences = [s for s in (part.strip() for part in _SENTENCE_BREAK.split(text)) if s]
+        words = text.split()
+        for _ in range(per_text if words else 0):
+            if len(sentences) > 1:
+                k = int(rng.integers(1, 3))
+                start = int(rng.integers(0, len(sentences) - k + 1))
+                crops.append(" ".join(sentences[start:start + k]))
+            else:
+                n = int(rng.integers(5, 31))
+                start = int(rng.integers(0, max(1, len(words) - n + 1)))
+                crops.append(" ".join(words[start:start + n]))
+    return crops
 
 
 def no_unlabelled_reviews() -> data_mod.DataError:

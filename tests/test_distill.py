@@ -145,6 +145,28 @@ def test_a_rerun_reuses_the_cached_teacher_and_a_changed_review_is_scored_again(
     assert not changed.cached and changed.texts[0] != first.texts[0]
 
 
+def test_sentence_crops_are_short_spans_of_their_review_in_a_fixed_order():
+    texts = ["Great cast. Dull plot!<br /><br />The score soars? I left early.", "no break " * 20, ""]
+    crops = distill.sentence_crops(texts, 3, seed=1)
+    assert len(crops) == 6  # three per text with words, none for the empty one
+    for crop, text in zip(crops, [texts[0]] * 3 + [texts[1]] * 3, strict=True):
+        assert 0 < len(crop.split()) <= 30 and crop.replace(" ", "") in text.replace("<br />", "").replace(" ", "")
+    assert all(c.count(".") + c.count("!") + c.count("?") <= 2 for c in crops[:3])
+    assert distill.sentence_crops(texts, 3, seed=1) == crops
+    assert distill.sentence_crops(texts * 10, 1, seed=2) != distill.sentence_crops(texts * 10, 1, seed=3)
+
+
+def test_crops_join_the_unlabelled_reviews_labelled_by_the_teacher_as_it_reads_them(unsup_dir, tmp_path):
+    cfg = _cfg(unsup_dir, tmp_path, "distill.crops=1")
+    raw = load_raw(cfg.data, cfg.seed)
+    t = distill.teacher(cfg, decoded(raw.train))
+    reviews = distill.unlabelled_reviews(_cfg(unsup_dir, tmp_path))
+    assert t.texts[:N_UNSUP] == reviews and t.texts[N_UNSUP:] == distill.sentence_crops(reviews, 1, cfg.seed)
+    crops_p = 1 / (1 + np.exp(-ngram_logits(t.branch, t.texts[N_UNSUP:])))
+    np.testing.assert_allclose(t.probabilities[N_UNSUP:], crops_p, atol=1e-5)
+    assert distill.cache_stem(cfg) != distill.cache_stem(_cfg(unsup_dir, tmp_path))
+
+
 def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
     from pipeline.data import DataError
 
