@@ -149,8 +149,11 @@ def test_sentence_crops_are_short_spans_of_their_review_in_a_fixed_order():
     texts = ["Great cast. Dull plot!<br /><br />The score soars? I left early.", "no break " * 20, ""]
     crops = distill.sentence_crops(texts, 3, seed=1)
     assert len(crops) == 6  # three per text with words, none for the empty one
+    def squeezed(text: str) -> str:
+        return text.replace("<br />", "").replace(" ", "")
+
     for crop, text in zip(crops, [texts[0]] * 3 + [texts[1]] * 3, strict=True):
-        assert 0 < len(crop.split()) <= 30 and crop.replace(" ", "") in text.replace("<br />", "").replace(" ", "")
+        assert 0 < len(crop.split()) <= 30 and squeezed(crop) in squeezed(text)
     assert all(c.count(".") + c.count("!") + c.count("?") <= 2 for c in crops[:3])
     assert distill.sentence_crops(texts, 3, seed=1) == crops
     assert distill.sentence_crops(texts * 10, 1, seed=2) != distill.sentence_crops(texts * 10, 1, seed=3)
