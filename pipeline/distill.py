@@ -52,6 +52,12 @@ class Teacher:
     texts: list[str]
     probabilities: np.ndarray  # float32 [len(texts)], P(positive) after the temperature
     cached: bool  # True: read from the cache, nothing was fitted or scored
+    crops: int = 0  # the last `crops` texts are spans of the reviews before them (`distill.crops`)
+
+    @property
+    def reviews(self) -> list[str]:
+        """The whole unlabelled reviews, without their crops."""
+        return self.texts[:len(self.texts) - self.crops]
 
 
 def first_round(cfg: Config) -> Config:
@@ -94,15 +100,22 @@ def texts_digest(texts: list[str]) -> str:
 
 
 def unlabelled_reviews(cfg: Config) -> list[str]:
-    """The unlabelled reviews, decoded, in a fixed order, capped at `distill.max_unlabelled`;
-    then `distill.crops` short spans of each (`sentence_crops`)."""
+    """The unlabelled reviews, decoded, in a fixed order, capped at `distill.max_unlabelled`."""
     ds = data_mod.unsupervised_texts(cfg.data)
     if cfg.distill.max_unlabelled:
         ds = ds.take(cfg.distill.max_unlabelled)
     texts = [t.decode("utf-8", "replace") for t in ds.as_numpy_iterator()]
     if not texts:
         raise no_unlabelled_reviews()
-    return texts + sentence_crops(texts, cfg.distill.crops, cfg.seed)
+    return texts
+
+
+def unlabelled_texts(cfg: Config) -> tuple[list[str], int]:
+    """What a teacher labels: the unlabelled reviews, then `distill.crops` short spans of each
+    (`sentence_crops`); and how many of them are crops."""
+    reviews = unlabelled_reviews(cfg)
+    crops = sentence_crops(reviews, cfg.distill.crops, cfg.seed)
+    return reviews + crops, len(crops)
 
 
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|<br\s*/?>")
@@ -155,7 +168,7 @@ def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
 def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
     """The cached teacher of this config, or one fitted on `train` and scored on the unlabelled
     reviews (then cached). `train` must be the training split alone."""
-    texts = unlabelled_reviews(cfg)
+    texts, crops = unlabelled_texts(cfg)
     digest = texts_digest(texts)
     stem = cache_stem(cfg)
     branch_path, scores_path = stem.with_suffix(".npz"), stem.with_suffix(".scores.npz")
@@ -165,7 +178,7 @@ def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
                 log.info("distill: teacher and its scores of %d unlabelled reviews cached at %s",
                          len(texts), scores_path)
                 return Teacher(ngrams.load(branch_path), texts,
-                               soft_targets(z["logits"], cfg.distill.temperature), cached=True)
+                               soft_targets(z["logits"], cfg.distill.temperature), True, crops)
         log.info("distill: the unlabelled reviews changed since %s was written; scoring again",
                  scores_path)
     t0 = time.time()
@@ -179,11 +192,12 @@ def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
     probabilities = soft_targets(logits, cfg.distill.temperature)
     log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
              time.time() - t0, 100 * confident_share(probabilities), scores_path)
-    return Teacher(branch, texts, probabilities, cached=False)
+    return Teacher(branch, texts, probabilities, False, crops)
 
 
 def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | None,
-                   logits_of: Callable[[list[str]], np.ndarray], temperature: float) -> Teacher:
+                   logits_of: Callable[[list[str]], np.ndarray], temperature: float,
+                   crops: int = 0) -> Teacher:
     """A finished run's served model as the teacher: its logits of `texts` (`logits_of`),
     cached in that run's folder beside what they were computed from."""
     path = run_dir / SERVED_SCORES_FILE
@@ -193,7 +207,7 @@ def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | 
             if str(z["digest"]) == digest:
                 log.info("distill: the teacher run's scores of %d unlabelled reviews cached at %s",
                          len(texts), path)
-                return Teacher(branch, texts, soft_targets(z["logits"], temperature), cached=True)
+                return Teacher(branch, texts, soft_targets(z["logits"], temperature), True, crops)
     t0 = time.time()
     log.info("distill: the served model of %s scores %d unlabelled reviews", run_dir, len(texts))
     logits = logits_of(texts).astype(np.float32)
@@ -201,7 +215,7 @@ def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | 
     probabilities = soft_targets(logits, temperature)
     log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
              time.time() - t0, 100 * confident_share(probabilities), path)
-    return Teacher(branch, texts, probabilities, cached=False)
+    return Teacher(branch, texts, probabilities, False, crops)
 
 
 def _save_scores(path: Path, logits: np.ndarray, digest: str) -> None:

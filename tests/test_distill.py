@@ -73,12 +73,14 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
     assert info["distill"]["unlabelled_reviews"] == N_UNSUP and info["distill"]["cached"] is False
 
 
+@pytest.mark.parametrize("crops", [0, 1])
 def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabilities(
-        unsup_dir, tmp_path, monkeypatch):
+        unsup_dir, tmp_path, monkeypatch, crops):
     from pipeline.export import load_run
     from pipeline.scoring import score_texts
 
-    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true")
+    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true",
+               f"distill.crops={crops}")
     real_fit, calls = pipeline.ngrams.fit, []
 
     def fit(texts, labels, ngrams_cfg, soft=None):
@@ -100,7 +102,9 @@ def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabili
     z_lstm, _ = score_texts(vectorizer, model, texts, run_cfg.vectorize.max_length)
     np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-z_lstm)), atol=1e-5)
     assert np.ptp(probabilities) > 0.1  # the trained BiLSTM's, not a constant
-    assert json.loads((result.run_dir / "run.json").read_text())["ngrams"]["cotrained_on"] == N_UNSUP
+    info = json.loads((result.run_dir / "run.json").read_text())
+    # the student also read the crops; the branch, whole reviews only (a crop has no new n-grams)
+    assert info["ngrams"]["cotrained_on"] == N_UNSUP and info["distill"]["crops"] == crops * N_UNSUP
 
 
 def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
@@ -165,6 +169,7 @@ def test_crops_join_the_unlabelled_reviews_labelled_by_the_teacher_as_it_reads_t
     t = distill.teacher(cfg, decoded(raw.train))
     reviews = distill.unlabelled_reviews(_cfg(unsup_dir, tmp_path))
     assert t.texts[:N_UNSUP] == reviews and t.texts[N_UNSUP:] == distill.sentence_crops(reviews, 1, cfg.seed)
+    assert t.reviews == reviews and t.crops == N_UNSUP
     crops_p = 1 / (1 + np.exp(-ngram_logits(t.branch, t.texts[N_UNSUP:])))
     np.testing.assert_allclose(t.probabilities[N_UNSUP:], crops_p, atol=1e-5)
     assert distill.cache_stem(cfg) != distill.cache_stem(_cfg(unsup_dir, tmp_path))
