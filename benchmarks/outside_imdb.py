@@ -28,8 +28,11 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline import data as data_mod  # noqa: E402
+from pipeline.bench import fit_linear_peer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.export import load_run  # noqa: E402
-from pipeline.scoring import blend_logit, score_texts  # noqa: E402
+from pipeline.runs import CONFIG_FILE  # noqa: E402
+from pipeline.scoring import blend_logit, score_texts, sigmoid  # noqa: E402
 
 THRESHOLD = 0.5  # |mean rating| below this: near neutral, not scored
 SETS = {"movie critics": "movieReviewSnippets_GroundTruth.txt",
@@ -61,20 +64,11 @@ def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict:
             "auc": round(float(roc_auc_score(labels, probabilities)), 4)}
 
 
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-z))
-
-
 def peer_probabilities(run_dir: Path, sets: dict) -> dict:
     """The linear peer, fitted on the run's training reviews, on every set."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    cfg = load_run(run_dir)[0]
-    texts, labels = data_mod.decoded(data_mod.load_raw(cfg.data, cfg.seed).train)
-    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)  # as pipeline.bench
-    classifier = LogisticRegression(C=8, max_iter=1000).fit(tfidf.fit_transform(texts), labels)
-    return {name: classifier.predict_proba(tfidf.transform(x))[:, 1] for name, (x, _) in sets.items()}
+    cfg = load_config(run_dir / CONFIG_FILE)
+    predict = fit_linear_peer(*data_mod.decoded(data_mod.load_raw(cfg.data, cfg.seed).train))
+    return {name: predict(texts) for name, (texts, _) in sets.items()}
 
 
 def run_probabilities(run_dir: Path, sets: dict) -> dict:

@@ -22,6 +22,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -105,19 +106,25 @@ def _latency_ms(fn, text: str, repeats: int) -> dict:
     return {"p50": round(float(p50), 2), "p95": round(float(p95), 2)}
 
 
-def linear_peer(train_texts: list[str], train_labels: np.ndarray, test_texts: list[str],
-                test_labels: np.ndarray) -> dict:
-    """TF-IDF unigrams + bigrams and logistic regression: test accuracy, AUC, training seconds."""
+def fit_linear_peer(train_texts: list[str], train_labels: np.ndarray
+                    ) -> Callable[[list[str]], np.ndarray]:
+    """TF-IDF unigrams + bigrams and logistic regression, fitted; returns texts -> P(positive)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    t0 = time.time()
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     classifier = LogisticRegression(C=8, max_iter=1000)
     classifier.fit(tfidf.fit_transform(train_texts), train_labels)
+    return lambda texts: classifier.predict_proba(tfidf.transform(texts))[:, 1]
+
+
+def linear_peer(train_texts: list[str], train_labels: np.ndarray, test_texts: list[str],
+                test_labels: np.ndarray) -> dict:
+    """The linear peer (`fit_linear_peer`): test accuracy, AUC, training seconds."""
+    t0 = time.time()
+    predict = fit_linear_peer(train_texts, train_labels)
     seconds = time.time() - t0
-    probs = classifier.predict_proba(tfidf.transform(test_texts))[:, 1]
-    return _scores(probs, test_labels) | {"train_seconds": round(seconds, 1)}
+    return _scores(predict(test_texts), test_labels) | {"train_seconds": round(seconds, 1)}
 
 
 def run_peer(cfg: Config, train_examples: int | None, test_examples: int | None) -> dict:
