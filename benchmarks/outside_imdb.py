@@ -12,8 +12,9 @@ with the mean of about 20 raters' scores from -4 to 4. A sentence counts as posi
 
 For each run (its BiLSTM alone, its n-gram branch alone, what it serves) and for the linear
 peer (TF-IDF uni+bigrams, logistic regression, fitted on the run's training reviews, as
-`make bench` fits it), prints accuracy at 0.5 and AUC per set, then their means, as JSON
-and as a markdown table. Nothing here trains the runs: they are scored as they are.
+`make bench` fits it), prints accuracy at 0.5, AUC and the share called positive per set,
+then the means, as JSON and (accuracy and AUC) as a markdown table. Nothing here trains the
+runs: they are scored as they are.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     from sklearn.metrics import roc_auc_score
 
     return {"accuracy": round(float(np.mean((probabilities >= 0.5) == labels)), 4),
-            "auc": round(float(roc_auc_score(labels, probabilities)), 4)}
+            "auc": round(float(roc_auc_score(labels, probabilities)), 4),
+            # against the set's own share: where a model's "no evidence" point lies
+            "called_positive": round(float(np.mean(probabilities >= 0.5)), 3)}
 
 
 def peer_probabilities(run_dir: Path, sets: dict) -> dict:
