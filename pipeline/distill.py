@@ -69,12 +69,16 @@ def first_round(cfg: Config) -> Config:
     n-gram branch is fitted without them (no `ngrams.cotrain`): a teacher whose branch had
     learned the very reviews it labels would hand back its own BiLSTM's labels. It starts
     from word2vec as usual (no `distill.warm_start`): it is the run a warm start starts from.
+    Its BiLSTM has `distill.teacher_lstm_units` when set.
     """
+    units = cfg.distill.teacher_lstm_units or cfg.model.lstm_units
     return cfg.model_copy(update={"name": f"{cfg.name}-teacher",
-                                  "model": cfg.model.model_copy(update={"adversarial_epsilon": 0.0}),
+                                  "model": cfg.model.model_copy(update={"adversarial_epsilon": 0.0,
+                                                                        "lstm_units": units}),
                                   "ngrams": cfg.ngrams.model_copy(update={"cotrain": False}),
-                                  "distill": cfg.distill.model_copy(update={"teacher": "ngrams",
-                                                                             "warm_start": False})})
+                                  "distill": cfg.distill.model_copy(update={
+                                      "teacher": "ngrams", "warm_start": False,
+                                      "teacher_lstm_units": None})})
 
 
 def cache_stem(cfg: Config) -> Path:

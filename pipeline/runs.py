@@ -70,7 +70,8 @@ LATER_DATA_KEYS = ("text_key", "label_key", "train_split", "test_split", "train_
                    "labels")
 # The same for keys of other sections (section.key), counted only once set away from their default.
 LATER_KEYS = ("model.adversarial_epsilon", "model.word_dropout", "train.max_batch_tokens",
-              "ngrams.cotrain", "distill.warm_start", "distill.crops")
+              "ngrams.cotrain", "distill.warm_start", "distill.crops",
+              "distill.teacher_lstm_units")
 
 
 class RunBusyError(PipelineError):

@@ -15,6 +15,7 @@ import pipeline.ngrams
 from pipeline import distill
 from pipeline.config import load_config
 from pipeline.data import decoded, load_raw
+from pipeline.runs import run_fingerprint
 from pipeline.scoring import ngram_logits
 from pipeline.train import train
 from tests.helpers import StopAt, make_review, tiny_overrides, write_aclimdb
@@ -301,6 +302,20 @@ def test_a_warm_started_student_begins_at_the_first_runs_weights(unsup_dir, tmp_
 def test_warm_start_needs_a_served_teacher():
     with pytest.raises(ValueError, match="warm_start needs teacher 'served'"):
         load_config(None, ["distill.enabled=true", "distill.warm_start=true"])
+
+
+def test_the_first_run_can_have_a_smaller_bilstm_than_the_student():
+    served = ["name=x", "distill.enabled=true", "distill.teacher=served", "model.lstm_units=128"]
+    cfg = load_config(None, [*served, "distill.teacher_lstm_units=64"])
+    first = distill.first_round(cfg)
+    assert (first.model.lstm_units, cfg.model.lstm_units) == (64, 128)
+    # The first run is the very run a config of 64 units trains first, so it is shared.
+    assert first == distill.first_round(load_config(None, [*served[:3], "model.lstm_units=64"]))
+    assert run_fingerprint(cfg, {}) != run_fingerprint(load_config(None, served), {})
+    with pytest.raises(ValueError, match="teacher_lstm_units needs teacher 'served'"):
+        load_config(None, ["distill.enabled=true", "distill.teacher_lstm_units=64"])
+    with pytest.raises(ValueError, match="warm_start needs the first run's BiLSTM of the student's size"):
+        load_config(None, [*served, "distill.teacher_lstm_units=64", "distill.warm_start=true"])
 
 
 def test_a_files_source_distills_from_its_unlabelled_files(tmp_path):
