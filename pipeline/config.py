@@ -227,7 +227,7 @@ class DistillConfig(_Section):
     # so its epochs add to the first run's rather than starting over
     warm_start: bool = False
     # served only: the first run's BiLSTM units (None: model.lstm_units). A smaller first run
-    # labels the reviews about as well in half the time, so a larger student fits the budget
+    # labels the reviews about as well, so a larger student costs one round's extra time, not two
     teacher_lstm_units: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
