@@ -42,7 +42,8 @@ def columns(texts: list[str], run: tuple, first_round: tuple | None) -> np.ndarr
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, branch)
     parts = [z_lstm, z_ngram, np.log([max(1, len(t.split())) for t in texts])]
     if first_round is not None:
-        parts.append(score_texts(first_round[1], first_round[2], texts, cfg.vectorize.max_length)[0])
+        first_cfg, first_vectorizer, first_model, _ = first_round
+        parts.append(score_texts(first_vectorizer, first_model, texts, first_cfg.vectorize.max_length)[0])
     return np.stack(parts, axis=1)
 
 
