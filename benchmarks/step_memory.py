@@ -34,10 +34,13 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def lstm_gflop(batch: int, length: int, embedding_dim: int, units: int, directions: int) -> float:
-    """The LSTM's multiply-adds of one training step (one layer), in GFLOP: per token and
-    direction [inputs, state] x [4 gates], twice that again for the backward pass."""
-    forward = 2 * batch * length * (embedding_dim + units) * 4 * units * directions
+def lstm_gflop(batch: int, length: int, embedding_dim: int, units: int, directions: int,
+               layers: int) -> float:
+    """The LSTM's multiply-adds of one training step, in GFLOP: per token, direction and layer
+    [inputs, state] x [4 gates], the backward pass twice that again. A layer above the first
+    reads the one below it (units x directions wide)."""
+    widths = [embedding_dim] + [units * directions] * (layers - 1)
+    forward = sum(2 * batch * length * (width + units) * 4 * units * directions for width in widths)
     return 3 * forward / 1e9
 
 
@@ -53,7 +56,8 @@ def main(batch: int, length: int, overrides: list[str]) -> None:
     model.fit(ids, labels, batch_size=batch, epochs=STEPS, verbose=0)
     step = (time.perf_counter() - start) / STEPS
     m = cfg.model
-    rate = lstm_gflop(batch, length, m.embedding_dim, m.lstm_units, 1 + m.bidirectional) / step
+    rate = lstm_gflop(batch, length, m.embedding_dim, m.lstm_units, 1 + m.bidirectional,
+                      m.num_layers) / step
     print(f"batch {batch} x {length} tokens, {' '.join(overrides) or 'defaults'}: "
           f"peak {peak_gib():.2f} GiB (model built: {before:.2f} GiB), {step:.2f} s a step "
           f"(LSTM {rate:.0f} GFLOP/s, {keras.mixed_precision.global_policy().name})", flush=True)
