@@ -14,6 +14,7 @@ import os
 import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,25 @@ def tfds_data_dir(cfg: DataConfig) -> str | None:
 
 
 def _tfds_hint(cfg: DataConfig, why: str) -> DataError:
-    return DataError(
-        f"cannot load tfds dataset {cfg.tfds_name!r} ({why}): point TFDS_DATA_DIR (or "
-        "data.data_dir) at a prepared copy, a tfds data dir holding the built dataset: make one "
-        f"on a machine with internet (`tfds build {cfg.tfds_name}`, or "
-        f"`tfds.load(\"{cfg.tfds_name}\", download=True)`), then copy its data dir (default "
-        "~/tensorflow_datasets) to this machine; or use data.source=directory with an aclImdb-style folder"
-    )
+    return DataError(f"cannot load tfds dataset {cfg.tfds_name!r} ({why}): set TFDS_DATA_DIR (or "
+                     "data.data_dir) to a prepared copy, the data dir of a machine with internet "
+                     f"after `tfds build {cfg.tfds_name}`; or use data.source=directory or files")
+
+
+def _tfds_builder(cfg: DataConfig):
+    """tfds's builder of data.tfds_name; an unknown name is one line with the nearest names."""
+    import difflib
+
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(cfg.tfds_name, data_dir=tfds_data_dir(cfg))
+    except tfds.core.registered.DatasetNotFoundError:
+        base = cfg.tfds_name.split("/")[0].split(":")[0]
+        near = difflib.get_close_matches(base, set(tfds.list_builders(with_community_datasets=False)), n=1)
+        raise DataError(f"data.tfds_name: tensorflow-datasets has no dataset {base!r}"
+                        + (f"; did you mean {near[0]!r}?" if near else
+                           " (`tfds.list_builders()` lists them)")) from None
 
 
 def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
@@ -147,8 +160,8 @@ def _tfds_splits(cfg: DataConfig, seed: int
     cut = _percent(cfg.validation_fraction)
     train, test = cfg.train_split, cfg.test_split
     splits = [f"{train}[:{cut}%]", f"{train}[{cut}%:]", test]
+    builder = _tfds_builder(cfg)
     try:
-        builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
         text_key, label_key, supervised = _tfds_keys(cfg, builder.info)
         labels, flip = _tfds_labels(cfg, builder.info, label_key)
         download = _tfds_download(cfg, builder)
@@ -158,8 +171,10 @@ def _tfds_splits(cfg: DataConfig, seed: int
     except DataError:
         raise
     except Exception as exc:  # tfds raises many types; the user needs one message
+        if not builder.is_prepared():  # tfds's own words here are advice for Python callers
+            raise _tfds_hint(cfg, f"no prepared copy in {builder.data_dir}") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _tfds_hint(cfg, first) from exc
+        raise _tfds_hint(cfg, first[:200]) from exc
     if not supervised:
         datasets = tuple(ds.map(lambda ex: (ex[text_key], tf.cast(ex[label_key], tf.int64)))
                          for ds in datasets)
@@ -222,37 +237,83 @@ def _rows_dataset(table: tables.Table, labels: np.ndarray, rows: np.ndarray) -> 
     return ds.apply(tf.data.experimental.assert_cardinality(len(rows)))
 
 
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], rng: np.random.Generator,
+                     names: tuple[str, str], split_names: tuple[str, ...], key: str) -> list[np.ndarray]:
+    """Row indices of each split: carved class by class, so that every split holds both.
+
+    Each fraction takes its share of the rows its class has left (at least one row), in the
+    order given; what is left of each class is the last split (train). Each split's rows are
+    then shuffled together, so a file sorted by label still mixes within every split.
+    A class with fewer rows than there are splits is an error that says how many it needs.
+    """
+    need = len(fractions) + 1
+    parts: list[list[np.ndarray]] = [[] for _ in range(need)]
+    for label, name in enumerate(names):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        if len(rows) < need:
+            raise DataError(f"data.{key}: the class {name!r} has {len(rows)} row(s), too few to put one "
+                            f"in each of {', '.join(split_names)}: each class needs at least {need}"
+                            + (" (or give data.test_files)" if need == 3 else ""))
+        for j, fraction in enumerate(fractions):
+            take = min(max(1, round(len(rows) * fraction)), len(rows) - (need - 1 - j))
+            parts[j].append(rows[:take])
+            rows = rows[take:]
+        parts[-1].append(rows)
+    return [rng.permutation(np.concatenate(p)) for p in parts]
+
+
+def _class_counts(labels: np.ndarray, names: tuple[str, str]) -> str:
+    counts = np.bincount(labels, minlength=2)
+    return f"{names[0]} {counts[0]} / {names[1]} {counts[1]}"
+
+
 def _files_splits(cfg: DataConfig, seed: int) -> tuple[tuple[tf.data.Dataset, ...], tuple[str, str]]:
     """The three splits of data.train_files (and data.test_files), and the label names.
 
-    Every row is read and checked now, once; the datasets then read their rows from the
-    files by position, the training rows in a seeded random order carved as the folder
-    source carves: test (without test files) first, then validation.
+    Every row is read and checked now, once (the unlabelled files' too); the datasets then
+    read their rows from the files by position. The training rows are carved class by class
+    in a seeded random order: test (without test files) first, then validation.
     """
     train_paths = tables.expand(cfg.train_files or "", "train_files")
     test_paths = tables.expand(cfg.test_files, "test_files") if cfg.test_files else None
-    if cfg.unlabelled_files:  # read in full only by pretraining: a wrong name is caught now
-        tables.check_columns(tables.expand(cfg.unlabelled_files, "unlabelled_files"), cfg.text_column)
+    if cfg.unlabelled_files:  # read in full only by pretraining and the teacher: checked now
+        unlabelled_table(cfg)
     table = tables.scan(train_paths, cfg.text_column, cfg.label_column, cfg.skip_bad_rows,
                         "train_files")
     names = tables.class_names(table, cfg.label_names(), cfg.label_column, "train_files")
     labels = tables.binary_labels(table, names, "train_files")
-    log.info("data: %d training rows; labels %r (0) and %r (1, positive): %s", len(table), *names,
-             ", ".join(f"{v} {n}" for v, n in table.label_counts().items()))
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(table))
     if test_paths is not None:
         test_table = tables.scan(test_paths, cfg.text_column, cfg.label_column, cfg.skip_bad_rows,
                                  "test_files")
+        test_labels = tables.binary_labels(test_table, names, "test_files")
         # Shuffled too, so max_eval_examples takes both classes from a file sorted by label.
-        test = _rows_dataset(test_table, tables.binary_labels(test_table, names, "test_files"),
-                             rng.permutation(len(test_table)))
+        test_rows = rng.permutation(len(test_table))
+        val_rows, train_rows = stratified_split(labels, (cfg.validation_fraction,), rng, names,
+                                                ("train", "validation"), "train_files")
     else:
-        n_test = int(round(len(order) * cfg.test_fraction))
-        test, order = _rows_dataset(table, labels, order[:n_test]), order[n_test:]
-    n_train = int(round(len(order) * (1.0 - cfg.validation_fraction)))
-    train = _rows_dataset(table, labels, order[:n_train])
-    return (train, _rows_dataset(table, labels, order[n_train:]), test), names
+        test_table, test_labels = table, labels
+        test_rows, val_rows, train_rows = stratified_split(
+            labels, (cfg.test_fraction, cfg.validation_fraction), rng, names,
+            ("train", "validation", "test"), "train_files")
+    tables_read = [table] + ([test_table] if test_paths is not None else [])
+    read = sum(t.rows_read for t in tables_read)
+    skipped = Counter()
+    for t in tables_read:
+        skipped.update(t.skipped)
+    log.info("data: %d row(s) read, %d skipped (%s); labels %r (0) and %r (1, positive); train %s, "
+             "validation %s, test %s", read, sum(skipped.values()), tables.describe_skipped(skipped),
+             *names, _class_counts(labels[train_rows], names), _class_counts(labels[val_rows], names),
+             _class_counts(test_labels[test_rows], names))
+    return (_rows_dataset(table, labels, train_rows), _rows_dataset(table, labels, val_rows),
+            _rows_dataset(test_table, test_labels, test_rows)), names
+
+
+def unlabelled_table(cfg: DataConfig) -> tables.Table:
+    """data.unlabelled_files, every row checked (empty texts are left out, and counted)."""
+    paths = tables.expand(cfg.unlabelled_files or "", "unlabelled_files")
+    return tables.scan(paths, cfg.text_column, None, cfg.skip_bad_rows, "unlabelled_files",
+                       empty_text_ok=True)
 
 
 def load_raw(cfg: DataConfig, seed: int) -> RawSplits:
@@ -332,8 +393,8 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
     if cfg.source == "files":
         if not cfg.unlabelled_files:
             return _no_texts()
-        paths = tables.expand(cfg.unlabelled_files, "unlabelled_files")
-        return tf.data.Dataset.from_generator(lambda: tables.stream_texts(paths, cfg.text_column),
+        table = unlabelled_table(cfg)
+        return tf.data.Dataset.from_generator(lambda: tables.read_texts(table, np.arange(len(table))),
                                               output_signature=tf.TensorSpec([], tf.string))
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
@@ -365,8 +426,10 @@ def data_identity(cfg: DataConfig) -> dict:
     """
     if cfg.source == "files":
         roles = {"train": cfg.train_files, "test": cfg.test_files, "unlabelled": cfg.unlabelled_files}
-        return {"source": "files"} | {role: tables.content_digest(tables.expand(pattern, f"{role}_files"))
-                                      for role, pattern in roles.items() if pattern}
+        # "split": rows are carved class by class; runs carved the old way are not resumed.
+        return {"source": "files", "split": "stratified"} | {
+            role: tables.content_digest(tables.expand(pattern, f"{role}_files"))
+            for role, pattern in roles.items() if pattern}
     if cfg.source == "tfds":
         import tensorflow_datasets as tfds
 

@@ -1,6 +1,7 @@
 import socket
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -29,10 +30,21 @@ def test_tfds_missing_says_how_to_fix(tmp_path):
     with pytest.raises(DataError) as info:
         load_raw(DataConfig(data_dir=str(tmp_path), download="never"), seed=0)
     message = str(info.value)
-    assert len(message.splitlines()) == 1 and "TFDS_DATA_DIR" in message
-    # how a user makes a prepared copy, not where this checkout keeps one
-    assert "tfds build imdb_reviews" in message and 'tfds.load("imdb_reviews", download=True)' in message
-    assert "shared" not in message
+    assert message == (f"cannot load tfds dataset 'imdb_reviews' (no prepared copy in {tmp_path}/"
+                       "imdb_reviews/plain_text/1.0.0): set TFDS_DATA_DIR (or data.data_dir) to a "
+                       "prepared copy, the data dir of a machine with internet after `tfds build "
+                       "imdb_reviews`; or use data.source=directory or files")
+    # how a user makes a prepared copy, not where this checkout keeps one; short enough to read
+    assert "shared" not in message and len(message) - len(str(tmp_path)) < 300
+
+
+def test_a_misspelled_tfds_name_gets_the_nearest_names(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_raw(DataConfig(tfds_name="imdb_review", data_dir=str(tmp_path), download="never"), seed=0)
+    assert str(info.value) == "data.tfds_name: tensorflow-datasets has no dataset 'imdb_review'; did you " \
+                              "mean 'imdb_reviews'?"
+    with pytest.raises(DataError, match=r"^cannot load tfds dataset 'imdb_reviews' \(no prepared copy"):
+        load_raw(DataConfig(data_dir=str(tmp_path), download="never"), seed=0)  # the name it suggests
 
 
 def test_directory_source_carves_validation_deterministically(imdb_dir):
@@ -284,3 +296,49 @@ def test_tfds_source_with_other_keys_splits_and_class_names():
     assert text.dtype == tf.string and label.dtype == tf.int64 and int(flipped_label) == 1 - int(label)
     with pytest.raises(DataError, match=r"no feature 'review' \(features: .*sentence.*set data.text_key"):
         load_raw(cfg.model_copy(update={"text_key": "review"}), seed=0)
+
+
+def _labels_of(ds) -> list[int]:
+    return [int(y) for _, y in ds.as_numpy_iterator()]
+
+
+def test_tiny_files_put_both_classes_in_every_split(tmp_path, caplog):
+    from tests.helpers import review_rows, write_table
+
+    path = write_table(tmp_path / "r.csv", review_rows(6, ("bad", "good")))  # 3 of each
+    with caplog.at_level("INFO", logger="pipeline"):
+        splits = load_raw(_files_cfg(path), seed=0)
+    for split in (splits.train, splits.validation, splits.test):
+        assert sorted(_labels_of(split)) == [0, 1]
+    assert ("data: 6 row(s) read, 0 skipped (none); labels 'bad' (0) and 'good' (1, positive); "
+            "train bad 1 / good 1, validation bad 1 / good 1, test bad 1 / good 1") in caplog.text
+
+
+@pytest.mark.parametrize("test_files,need", [(False, "train, validation, test: each class needs at least 3 "
+                                                      "(or give data.test_files)"),
+                                             (True, "train, validation: each class needs at least 2")])
+def test_a_class_too_small_to_split_says_how_many_rows_it_needs(tmp_path, test_files, need):
+    from tests.helpers import review_rows, write_table
+
+    rows = review_rows(200, ("bad",)) + review_rows(2 - test_files, ("good",))
+    path = write_table(tmp_path / "r.csv", rows)
+    extra = {"test_files": str(write_table(tmp_path / "t.csv", review_rows(4, ("bad", "good"))))} \
+        if test_files else {}
+    with pytest.raises(DataError) as info:
+        load_raw(_files_cfg(path, **extra), seed=0)
+    assert str(info.value) == (f"data.train_files: the class 'good' has {2 - test_files} row(s), too few to "
+                               f"put one in each of {need}")
+    # the fix it names: one more row of that class
+    write_table(path, rows + review_rows(1, ("good",)))
+    splits = load_raw(_files_cfg(path, **extra), seed=0)
+    assert sorted(set(_labels_of(splits.validation))) == [0, 1]
+
+
+def test_imbalanced_files_keep_the_class_ratio_in_each_split(tmp_path):
+    from tests.helpers import review_rows, write_table
+
+    rows = review_rows(180, ("bad",)) + review_rows(20, ("good",), seed=1)  # sorted by label
+    splits = load_raw(_files_cfg(write_table(tmp_path / "r.csv", rows)), seed=0)
+    counts = [np.bincount(_labels_of(s), minlength=2).tolist()
+              for s in (splits.train, splits.validation, splits.test)]
+    assert counts == [[108, 12], [36, 4], [36, 4]]  # test 20% of each class, validation 25% of the rest
