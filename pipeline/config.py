@@ -38,18 +38,32 @@ class DataConfig(_Section):
     test_split: str = "test"  # a labelled tfds split, e.g. validation where test's labels are hidden
     directory: str | None = None  # aclImdb-style folder (train/{pos,neg}, test/{pos,neg})
     # source=files: a path or a glob each, the format from the extension: .csv, .tsv or .jsonl
-    train_files: str | None = None  # labelled rows for source=files: a path or a glob (.csv .tsv .jsonl)
+    train_files: str | None = None  # labelled rows: a path or a glob (.csv .tsv .jsonl, or gzipped: .csv.gz)
     test_files: str | None = None  # labelled rows; None: test_fraction of train_files is held out
     unlabelled_files: str | None = None  # rows whose text feeds word2vec and the language models
     text_column: str = "text"  # CSV/TSV header name or JSONL key of the text
     label_column: str = "label"  # header name or JSONL key of the label: two values, strings or integers
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # without test_files, carved before validation
-    skip_bad_rows: bool = False  # rows with an empty text or label: an error, or skipped when true
-    # [negative, positive] label values; None: the two found, in sorted order (tfds: ClassLabel's)
-    labels: list[str | int] | None = None
+    # rows with an empty text or label, or more fields than the header (an unquoted comma):
+    # an error naming the first, or skipped and counted when true
+    skip_bad_rows: bool = False
+    # [negative, positive] label values, as text ([-1, +1] keeps the plus); None: the two found,
+    # in sorted order (tfds: ClassLabel's)
+    labels: list[str] | None = None
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # carved from train, never from test
     max_train_examples: int | None = Field(None, gt=0)  # quick runs; None = all
     max_eval_examples: int | None = Field(None, gt=0)  # caps validation and test alike
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, labels: Any) -> Any:
+        # A file holds its labels as text: YAML's 1 and true are "1" and "true" there.
+        if not isinstance(labels, list):
+            return labels
+        for value in labels:
+            if not isinstance(value, str | int | bool):
+                raise ValueError(f"each label is a text or an integer (got {value!r})")
+        return [str(v).lower() if isinstance(v, bool) else str(v) for v in labels]
 
     @model_validator(mode="after")
     def _source_needs_path(self) -> DataConfig:
@@ -64,8 +78,8 @@ class DataConfig(_Section):
         return self
 
     def label_names(self) -> tuple[str, str] | None:
-        """data.labels as text (a CSV holds 0 and 1 as text too), or None."""
-        return (str(self.labels[0]), str(self.labels[1])) if self.labels else None
+        """data.labels as a pair, or None."""
+        return (self.labels[0], self.labels[1]) if self.labels else None
 
 
 class VectorizeConfig(_Section):
@@ -316,8 +330,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+    # Label values stay as typed: `[-1,+1]` or `[false,true]` are text in a file, not numbers.
+    loader = yaml.BaseLoader if key.strip() == "data.labels" else _UniqueKeyLoader
     try:
-        value = _yaml_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=loader) if raw.strip() else None  # noqa: S506 (safe loaders)
+        if loader is yaml.BaseLoader and value in ("null", "Null", "NULL", "~"):
+            value = None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {getattr(exc, 'problem', exc)}") from None
     return key.strip().split("."), value
