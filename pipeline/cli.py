@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-only", action="store_true",
                    help="only the linear peer (TF-IDF bigram logistic regression); 0 examples = all")
 
+    p = sub.add_parser("bench-tables", help="time and measure the check of a large CSV before training "
+                                            "(writes scratch files of that size)")
+    p.add_argument("--size-mb", type=float, default=1024, help="the review-length CSV's size (default 1 GiB)")
+    p.add_argument("--short-rows", type=int, default=1_000_000, help="rows of the short-row CSV")
+    p.add_argument("--dir", default=None, help="where the scratch files go (default: the system temp folder)")
+    p.add_argument("--json", default="bench_results/tables.json", help="where the figures go")
+
     p = sub.add_parser("train-workers", help="train with N multi-worker processes on this machine "
                                              "(tries out multi_worker; TF_CONFIG is built for each)")
     _config_args(p)
@@ -202,17 +209,24 @@ def _train(args: argparse.Namespace) -> int:
     m = result.metrics
     print(f"\nrun: {result.run_dir}")
     print(f"test accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  "
-          f"recall {m['recall']:.4f}  auc {m['auc']:.4f}  loss {m['loss']:.4f}  "
+          f"recall {m['recall']:.4f}  auc {_auc(m['auc'])}  loss {m['loss']:.4f}  "
           f"({m['examples']} reviews)")
     (tn, fp), (fn, tp) = m["confusion_matrix"]["rows_true_cols_pred"]
-    print(f"confusion (true x pred): neg [{tn} {fp}]  pos [{fn} {tp}]")
+    negative, positive = m["confusion_matrix"]["labels"]
+    print(f"confusion (true x pred): {negative} [{tn} {fp}]  {positive} [{fn} {tp}]")
     if "lstm" in m:  # the served model is a blend: each part alone, the BiLSTM first
-        print("alone: " + "  ".join(f"{label} accuracy {m[part]['accuracy']:.4f} auc {m[part]['auc']:.4f}"
+        print("alone: " + "  ".join(f"{label} accuracy {m[part]['accuracy']:.4f} auc {_auc(m[part]['auc'])}"
                                     for part, label in (("lstm", "BiLSTM"), ("ngrams", "n-grams"))))
+    if m["auc"] is None:
+        print("auc: undefined, the test split holds one class (recorded as null)")
     if result.export:
         print(f"exported: {result.export.path} (version {result.export.version}; reloaded "
               f"predictions within {result.export.max_abs_diff:.2g})")
     return 0
+
+
+def _auc(auc: float | None) -> str:
+    return "undefined" if auc is None else f"{auc:.4f}"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -261,6 +275,18 @@ def _bench(args: argparse.Namespace) -> int:
     write_report(result, Path(args.json), Path(args.markdown))
     print(markdown_table(result))
     print(f"\ntraining throughput (b)/(a) = {result['train_speedup']:.2f}; figures in {args.json}")
+    return 0
+
+
+def _bench_tables(args: argparse.Namespace) -> int:
+    if args.size_mb <= 0 or args.short_rows < 1:
+        raise ConfigError("--size-mb and --short-rows: must be positive")
+    from pipeline import bench_tables
+
+    results = bench_tables.run(args.size_mb, args.short_rows, Path(args.dir) if args.dir else None)
+    bench_tables.write_results(results, Path(args.json))
+    print(bench_tables.markdown_table(results))
+    print(f"figures in {args.json}")
     return 0
 
 
@@ -361,6 +387,7 @@ COMMANDS = {
     "pretrain": _pretrain,
     "predict": _predict,
     "bench": _bench,
+    "bench-tables": _bench_tables,
     "check-config": _check_config,
     "gpu-check": _gpu_check,
 }

@@ -55,9 +55,21 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
             log.warning("distribute.mixed_precision is on without a GPU: float16 on CPU is slow, "
                         "not faster")
         keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("strategy %s with %d replica(s)%s", strategy_name(strategy),
-             strategy.num_replicas_in_sync, ", mixed_float16" if cfg.mixed_precision else "")
     return strategy
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """The strategy in a user's words: `CPU, 1 replica` or `2 GPUs, MirroredStrategy, 2 replicas`."""
+    default = not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy()
+    # The default strategy runs where TensorFlow places ops: the first GPU if there is one.
+    devices = (["GPU"] * bool(tf.config.list_logical_devices("GPU")) if default
+               else [d.rsplit("device:", 1)[-1] for d in strategy.extended.worker_devices])
+    gpus = sum(d.upper().startswith("GPU") for d in devices)
+    where = f"{gpus} GPU{'s' * (gpus > 1)}" if gpus else "CPU"
+    replicas = strategy.num_replicas_in_sync
+    name = "" if default else f", {strategy_name(strategy)}"
+    precision = ", mixed_float16" if keras.mixed_precision.global_policy().name == "mixed_float16" else ""
+    return f"{where}{name}, {replicas} replica{'s' * (replicas > 1)}{precision}"
 
 
 def seed_everything(cfg: Config) -> None:

@@ -21,7 +21,7 @@ import tensorflow as tf
 from pipeline import data as data_mod
 from pipeline import ngrams
 from pipeline.config import Config
-from pipeline.constants import THRESHOLD
+from pipeline.constants import LABELS, THRESHOLD
 from pipeline.model import logit_fn
 from pipeline.ngrams import NgramModel
 from pipeline.vectorize import texts_to_padded_ids
@@ -144,33 +144,43 @@ def in_memory_predict(vectorizer: keras.layers.TextVectorization, model: keras.M
 # --- metrics ------------------------------------------------------------------------------------
 
 
-def metrics_of(p: np.ndarray, y: np.ndarray) -> dict:
-    """Accuracy, precision, recall, AUC, loss and confusion matrix of probabilities `p`."""
+def auc_of(p: np.ndarray, y: np.ndarray) -> float | None:
+    """ROC AUC, or None where it is undefined: the labels hold one class only."""
+    if np.unique(y).size < 2:
+        return None
+    auc = keras.metrics.AUC(num_thresholds=1000)
+    auc.update_state(y, p)
+    return float(auc.result())
+
+
+def metrics_of(p: np.ndarray, y: np.ndarray, labels: tuple[str, str] = LABELS) -> dict:
+    """Accuracy, precision, recall, AUC (None for one class), loss and the confusion matrix of
+    probabilities `p`, its rows and columns named by `labels` (label 0, label 1)."""
     p, y = np.asarray(p, dtype=np.float64).reshape(-1), np.asarray(y).reshape(-1)
     pred = (p >= THRESHOLD).astype(np.int64)
     tp, fp = int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0)))
     tn, fn = int(np.sum((pred == 0) & (y == 0))), int(np.sum((pred == 0) & (y == 1)))
     eps = 1e-7
     pc = np.clip(p, eps, 1 - eps)
-    auc = keras.metrics.AUC(num_thresholds=1000)
-    auc.update_state(y, p)
     return {
         "examples": int(y.size),
         "accuracy": (tp + tn) / y.size,
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
-        "auc": float(auc.result()),
+        "auc": auc_of(p, y),
         "loss": float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))),
-        "confusion_matrix": {"labels": ["neg", "pos"], "rows_true_cols_pred": [[tn, fp], [fn, tp]]},
+        "confusion_matrix": {"labels": list(labels), "rows_true_cols_pred": [[tn, fp], [fn, tp]]},
     }
 
 
 def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-             raw_test: tf.data.Dataset, max_length: int, ngram: NgramModel | None) -> dict:
-    """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well."""
+             raw_test: tf.data.Dataset, max_length: int, ngram: NgramModel | None,
+             names: tuple[str, str] = LABELS) -> dict:
+    """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well.
+    `names`: the user's names of label 0 and label 1."""
     texts, labels = data_mod.decoded(raw_test)
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
-    metrics = metrics_of(served_probabilities(z_lstm, z_ngram, ngram), labels)
+    metrics = metrics_of(served_probabilities(z_lstm, z_ngram, ngram), labels, names)
     if ngram is None:
         return metrics
     for part, z in (("lstm", z_lstm), ("ngrams", z_ngram)):

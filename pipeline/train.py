@@ -35,6 +35,7 @@ from pipeline.compat import fix_keras_multi_worker
 from pipeline.config import Config, TrainConfig, save_config
 from pipeline.distribute import (
     WorkerBackupAndRestore,
+    describe,
     gather_from_workers,
     is_chief,
     make_strategy,
@@ -136,7 +137,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     sizes = data_mod.check_nonempty(raw)
     distill.check_unlabelled(cfg)
-    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    log.info("data: %s; training on %s", ", ".join(f"{k} {v}" for k, v in sizes.items()),
+             describe(strategy))
     fingerprint = run_fingerprint(cfg, data_mod.data_identity(cfg.data))
 
     # Only the chief writes the run; other workers write to a scratch dir deleted at the end.
@@ -216,8 +218,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         ngram = (ngram_branch(cfg, raw, vectorizer, model, run, teacher, teacher_dir)
                  if cfg.ngrams.enabled else None)
         log.info("evaluating on %d test reviews", sizes["test"])
-        metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram)
-        metrics["confusion_matrix"]["labels"] = list(raw.labels)
+        metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram, raw.labels)
         write_json(run.dir / METRICS_FILE, metrics)
         result = None
         if export:

@@ -40,7 +40,7 @@ import tensorflow as tf
 from pipeline import compat, ngrams
 from pipeline import data as data_mod
 from pipeline.config import Config, TuneConfig, from_dict, save_config
-from pipeline.distribute import make_strategy, seed_everything
+from pipeline.distribute import describe, make_strategy, seed_everything
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.errors import ConfigError, PipelineError, stop_signal
 from pipeline.model import build_model, fit_verbosity, model_kwargs, trainable_params
@@ -504,6 +504,8 @@ def _run_search(cfg: Config, fresh: bool) -> TuneResult:
         prepare_output(cfg, out, fresh)
     # The chief trains nothing: it needs no strategy and no data.
     strategy = make_strategy(cfg.distribute) if who != "chief" else None
+    if strategy is not None:
+        log.info("trials train on %s", describe(strategy))
     seed_everything(cfg)
     replicas = strategy.num_replicas_in_sync if strategy else 1
     lr_scale = replicas if cfg.train.lr_scaling == "linear" else 1.0

@@ -235,8 +235,15 @@ BAD_TABLES = {  # what is wrong -> (how the file is written, overrides, what the
     "missing column": ("rows", ["data.text_column=review"],
                        r"no column 'review' \(columns found: 'text', 'label'\)"),
     "one class": ("one", [], r"has 1 class\(es\) \('pos': 8 rows\): exactly two are needed"),
-    "three classes": ("three", [], r"has 3 class\(es\) \('neg': 3, 'pos': 3, 'meh': 2 rows\).*"
-                                   r"multi-class is not supported yet"),
+    "three classes": ("three", [], r"has 3 values where two are needed: 'neg': 3, 'pos': 3 rows, and 'meh' "
+                                   r"\(2 row\(s\), first at .*reviews.csv line 4\); a model here learns two"),
+    "case variant": ("case", [], r"'pos' and 'POS' differ only in case: write each label one way$"),
+    "unquoted comma": ("comma", [], r"reviews.csv: line 10: 3 fields where the header has 2: a text with an "
+                                    r"unquoted comma\? Quote the field"),
+    "a class too small": ("tiny", [], r"the class 'pos' has 2 row\(s\), too few to put one in each of train, "
+                                      r"validation, test: each class needs at least 3"),
+    "CR line endings": ("cr", [], r"reviews.csv: its lines end in CR alone"),
+    "UTF-16": ("utf16", [], r"reviews.csv: the file is UTF-16 text"),
     "no rows": ("header", [], r"reviews.csv: no rows \(only a header\)"),
     "empty text": ("empty", [], r"1 row\(s\) with an empty 'text' and 1 row\(s\) with an empty "
                                 r"'label' \(the first: .*line 10\).*skip_bad_rows"),
@@ -254,11 +261,20 @@ def test_bad_table_is_one_line_exit_1_and_no_run_folder(tmp_path, capsys, case):
     path = tmp_path / "reviews.csv"
     rows = {"rows": review_rows(8), "one": review_rows(8, ("pos",)),
             "three": review_rows(8, ("neg", "pos", "meh")),
+            "case": review_rows(8) + [{"text": "x", "label": "POS"}],
+            "tiny": review_rows(40, ("neg",)) + review_rows(2, ("pos",)),
             "empty": review_rows(8) + [{"text": "", "label": "pos"}, {"text": "x", "label": " "}]}
     if how == "header":
         path.write_text("text,label\n")
     elif how == "quotes":
         _unbalanced(path)
+    elif how == "comma":
+        write_table(path, review_rows(8))
+        path.write_text(path.read_text() + "the, film was great,pos\n")
+    elif how in ("cr", "utf16"):
+        write_table(path, review_rows(8))
+        content = path.read_text().replace("\r\n", "\n")
+        path.write_bytes(content.replace("\n", "\r").encode() if how == "cr" else content.encode("utf-16"))
     elif how is not None:
         write_table(path, rows[how])
     args = ["train"]
@@ -268,3 +284,51 @@ def test_bad_table_is_one_line_exit_1_and_no_run_folder(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
+
+
+def test_a_data_error_is_the_only_line_on_stderr(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    path = write_table(tmp_path / "reviews.csv", review_rows(8, ("neg", "pos", "meh")))
+    args = [a for item in files_overrides(path, tmp_path) for a in ("--set", item)]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]  # no strategy or other log line before it
+    assert proc.stderr.startswith("error: data.train_files: the label column 'label' has 3 values")
+
+
+def test_six_rows_train_with_the_blend_and_print_the_users_label_names(tmp_path, capsys):
+    from tests.helpers import files_overrides, review_rows, write_table
+
+    path = write_table(tmp_path / "reviews.csv", review_rows(6, ("good", "bad")))  # 3 of each
+    args = ["train", "--no-export"]
+    for item in files_overrides(path, tmp_path, "data.labels=[good,bad]", "ngrams.enabled=true",
+                                "ngrams.min_df=1"):
+        args += ["--set", item]
+    assert main(args) == 0  # the blend is fitted on a validation split that holds both classes
+    out = capsys.readouterr().out
+    metrics = json.loads(next((tmp_path / "runs" / "tiny").glob("*/metrics.json")).read_text())
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]["rows_true_cols_pred"]
+    assert metrics["confusion_matrix"]["labels"] == ["good", "bad"] and metrics["examples"] == 2
+    assert f"confusion (true x pred): good [{tn} {fp}]  bad [{fn} {tp}]" in out
+
+
+def test_a_test_split_of_one_class_has_no_auc_and_says_so(monkeypatch, capsys):
+    import numpy as np
+
+    import pipeline.train
+    from pipeline.scoring import metrics_of
+    from pipeline.train import RunResult
+
+    metrics = metrics_of(np.array([0.9, 0.2, 0.7]), np.array([1, 1, 1]), ("bad", "good"))
+    assert metrics["auc"] is None and json.loads(json.dumps(metrics))["auc"] is None  # recorded as null
+    monkeypatch.setattr(pipeline.train, "train", lambda *a, **k: RunResult(Path("r"), metrics, None))
+    assert main(["train"]) == 0
+    out = capsys.readouterr().out
+    assert "auc undefined" in out
+    assert "auc: undefined, the test split holds one class (recorded as null)" in out
+    assert "confusion (true x pred): bad [0 0]  good [1 2]" in out
