@@ -400,8 +400,8 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
         import tensorflow_datasets as tfds
 
         data_dir = tfds_data_dir(cfg)
+        builder = _tfds_builder(cfg)
         try:
-            builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
             if "unsupervised" not in builder.info.splits:
                 return _no_texts()
             text_key, _, supervised = _tfds_keys(cfg, builder.info)
@@ -410,6 +410,8 @@ def unsupervised_texts(cfg: DataConfig) -> tf.data.Dataset:
         except DataError:
             raise
         except Exception as exc:
+            if not builder.is_prepared():
+                raise _tfds_hint(cfg, f"no prepared copy in {builder.data_dir}") from exc
             raise DataError(f"cannot load the unsupervised split of {cfg.tfds_name!r}: {exc}") from exc
         return ds.map(lambda text, _: text) if supervised else ds.map(lambda ex: ex[text_key])
     folder = Path(cfg.directory or "") / "train" / "unsup"
