@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
-.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench \
+.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench results \
 	gpu-check test test-all test-slow docs lint clean
 
 # Reinstalls only when pyproject.toml changes.
@@ -59,6 +59,11 @@ pretrain: install
 # Both sides of the speed comparison in one run; needs the real data (TFDS_DATA_DIR).
 bench: install
 	$(RUN) bench --config $(CONFIG) $(SET_ARGS) $(ARGS)
+
+# RESULTS.md from the finished runs' records (runs/<name>/) and the linear peer's
+# (imdb-pipeline bench --peer-only --train-examples 0 --test-examples 0 writes it).
+results: install
+	$(RUN) results --config $(CONFIG) $(SET_ARGS) $(ARGS)
 
 # On a GPU machine: cuDNN use, seconds per epoch (mixed precision off/on), export served with GPUs
 # hidden (docs/gpu.md). Times configs/gpu.yaml unless CONFIG is given; without a GPU, one line.
