@@ -291,7 +291,7 @@ def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
     table = f"{MARK_START}\n{markdown_table(result)}\n{MARK_END}"
-    text = markdown_path.read_text() if markdown_path.is_file() else "# Benchmarks\n\n"
+    text = markdown_path.read_text() if markdown_path.is_file() else "# Speed\n\n"
     if MARK_START in text and MARK_END in text:
         head, rest = text.split(MARK_START, 1)
         text = head + table + rest.split(MARK_END, 1)[1]

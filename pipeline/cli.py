@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, default=2000, help="test reviews for accuracy and serving")
     p.add_argument("--epochs", type=int, default=3, help="epochs each side trains (the first warms up)")
     p.add_argument("--json", default="bench_results/bench.json", help="where the figures go")
-    p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose bench table is replaced")
+    p.add_argument("--markdown", default="docs/experiments/speed.md",
+                   help="file whose bench table is replaced")
     p.add_argument("--peer-only", action="store_true",
                    help="only the linear peer (TF-IDF bigram logistic regression); 0 examples = all")
     p.add_argument("--peer-json", default="bench_results/peer.json",

@@ -32,8 +32,8 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     assert served["test_accuracy"] >= 0.8 and served["test_auc"] >= 0.8
     assert served["train_seconds"] >= sum(result["pipeline"]["seconds_per_epoch"])
 
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text(f"# Benchmarks\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
+    md = tmp_path / "speed.md"
+    md.write_text(f"# Speed\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
     write_report(result, tmp_path / "out" / "bench.json", md)
     write_report(result, tmp_path / "out" / "bench.json", md)
     text = md.read_text()

@@ -255,7 +255,7 @@ def test_a_second_train_of_a_live_run_exits_1_with_one_line(imdb_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_two_train_processes_of_one_config_never_share_a_run(imdb_dir, tmp_path, capsys):
-    """Issue 11's reproduction: a second `train` while the first is training stops at once."""
+    """The reported double start, reproduced: a second `train` while the first is training stops at once."""
     import time
 
     overrides = tiny_overrides(imdb_dir, tmp_path) + [  # long enough to be caught mid-training
