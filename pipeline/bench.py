@@ -70,8 +70,8 @@ def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
 def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
     timer = EpochTimer()
     model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
-    # Epoch times on a busy machine swing by up to 2x from one epoch to the next, so the
-    # headline is the fastest epoch after the first (as timeit takes the best of repeats).
+    # Epoch times on a busy machine swing widely from one epoch to the next (docs/experiments/speed.md),
+    # so the headline is the fastest epoch after the first (as timeit takes the best of repeats).
     steady = timer.seconds[1:] or timer.seconds
     return {
         "seconds_per_epoch": [round(s, 2) for s in timer.seconds],
