@@ -280,11 +280,11 @@ def _bench(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     _import_tensorflow(args)  # pipeline.runs loads Keras
-    from pipeline.results import results_table, write_results
+    from pipeline.results import write_results
 
     runs = write_results(cfg, Path(args.runs_dir or cfg.runs_dir), Path(args.peer_json), Path(args.out))
-    print(results_table(runs, None))
-    print(f"\n{len(runs)} run(s) of {cfg.name}; written to {args.out}")
+    print(Path(args.out).read_text())
+    print(f"{len(runs)} run(s) of {cfg.name}; written to {args.out}")
     return 0
 
 
