@@ -8,7 +8,7 @@ SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
 .PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench bench-tables \
-	gpu-check test test-all test-slow docs lint clean
+	results gpu-check test test-all test-slow docs lint clean
 
 # Reinstalls only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -63,6 +63,11 @@ bench: install
 # What checking a user's files costs: a 1 GiB CSV and a million short rows (scratch files, removed after).
 bench-tables: install
 	$(RUN) bench-tables $(ARGS)
+
+# RESULTS.md from the finished runs' records (runs/<name>/) and the linear peer's
+# (imdb-pipeline bench --peer-only --train-examples 0 --test-examples 0 writes it).
+results: install
+	$(RUN) results --config $(CONFIG) $(SET_ARGS) $(ARGS)
 
 # On a GPU machine: cuDNN use, seconds per epoch (mixed precision off/on), export served with GPUs
 # hidden (docs/gpu.md). Times configs/gpu.yaml unless CONFIG is given; without a GPU, one line.

@@ -20,6 +20,7 @@ import logging
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from pipeline.constants import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 from pipeline.distribute import seed_everything
 from pipeline.export import export_model
 from pipeline.model import EpochTimer, build_model, logit_fn, model_kwargs
+from pipeline.runs import code_commit
 from pipeline.scoring import (
     fit_ngram_branch,
     metrics_of,
@@ -68,8 +70,8 @@ def baseline_model(raw_train: tf.data.Dataset, cfg: Config) -> keras.Model:
 def _fit(model: keras.Model, train_ds, epochs: int, n_examples: int) -> dict:
     timer = EpochTimer()
     model.fit(train_ds, epochs=epochs, callbacks=[timer], verbose=0)
-    # Epoch times on a busy machine swing by up to 2x from one epoch to the next, so the
-    # headline is the fastest epoch after the first (as timeit takes the best of repeats).
+    # Epoch times on a busy machine swing widely from one epoch to the next (docs/experiments/speed.md),
+    # so the headline is the fastest epoch after the first (as timeit takes the best of repeats).
     steady = timer.seconds[1:] or timer.seconds
     return {
         "seconds_per_epoch": [round(s, 2) for s in timer.seconds],
@@ -128,13 +130,24 @@ def linear_peer(train_texts: list[str], train_labels: np.ndarray, test_texts: li
 
 
 def run_peer(cfg: Config, train_examples: int | None, test_examples: int | None) -> dict:
-    """The linear peer alone (seconds, not minutes), e.g. on the full splits."""
+    """The linear peer alone (seconds, not minutes), e.g. on the full splits; with the code's
+    commit and the command, so `make results` can show it beside the runs (`write_peer`)."""
+    t0 = time.time()
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     train = raw.train.take(train_examples) if train_examples else raw.train
     test = raw.test.take(test_examples) if test_examples else raw.test
     (train_texts, train_labels), (texts, labels) = data_mod.decoded(train), data_mod.decoded(test)
     return {"train_examples": len(train_texts), "test_examples": len(texts),
-            "peer": linear_peer(train_texts, train_labels, texts, labels)}
+            "peer": linear_peer(train_texts, train_labels, texts, labels),
+            "total_seconds": round(time.time() - t0, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "commit": code_commit(), "command": sys.argv[1:],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_peer(result: dict, json_path: Path) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
 
 
 def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int) -> dict:
@@ -278,7 +291,7 @@ def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
     table = f"{MARK_START}\n{markdown_table(result)}\n{MARK_END}"
-    text = markdown_path.read_text() if markdown_path.is_file() else "# Benchmarks\n\n"
+    text = markdown_path.read_text() if markdown_path.is_file() else "# Speed\n\n"
     if MARK_START in text and MARK_END in text:
         head, rest = text.split(MARK_START, 1)
         text = head + table + rest.split(MARK_END, 1)[1]

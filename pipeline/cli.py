@@ -46,8 +46,9 @@ def _interrupted(command: str) -> int:
     return 128 + (stop_signal() or signal.SIGINT)  # the shell's code for death by that signal
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
+def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", "-c", default=default,
+                   help=f"YAML config file (default: {default or 'built-in defaults'})")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set train.epochs=3 (repeatable; several pairs in "
                         "one argument also work, and a value may hold spaces: --set 'name=a b')")
@@ -132,9 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, default=2000, help="test reviews for accuracy and serving")
     p.add_argument("--epochs", type=int, default=3, help="epochs each side trains (the first warms up)")
     p.add_argument("--json", default="bench_results/bench.json", help="where the figures go")
-    p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose bench table is replaced")
+    p.add_argument("--markdown", default="docs/experiments/speed.md",
+                   help="file whose bench table is replaced")
     p.add_argument("--peer-only", action="store_true",
                    help="only the linear peer (TF-IDF bigram logistic regression); 0 examples = all")
+    p.add_argument("--peer-json", default="bench_results/peer.json",
+                   help="where --peer-only's figures go (make results reads them)")
+
+    p = sub.add_parser("results", help="write RESULTS.md from the finished runs' own records")
+    _config_args(p, default="configs/default.yaml")  # the results page is the default run's
+    p.add_argument("--runs-dir", default=None, help="where the runs are (default: the config's runs_dir)")
+    p.add_argument("--peer-json", default="bench_results/peer.json",
+                   help="the linear peer's record (imdb-pipeline bench --peer-only writes it)")
+    p.add_argument("--out", default="RESULTS.md", help="the page to write")
 
     p = sub.add_parser("bench-tables", help="time and measure the check of a large CSV before training "
                                             "(writes scratch files of that size)")
@@ -265,11 +276,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     _import_tensorflow(args)
-    from pipeline.bench import markdown_table, peer_table, run_bench, run_peer, write_report
+    from pipeline.bench import markdown_table, peer_table, run_bench, run_peer, write_peer, write_report
 
     if args.peer_only:  # seconds: the reference figures on whole splits (0 = all reviews)
         result = run_peer(cfg, args.train_examples or None, args.test_examples or None)
+        write_peer(result, Path(args.peer_json))
         print(peer_table(result, ""))
+        print(f"\nfigures in {args.peer_json}")
         return 0
     result = run_bench(cfg, args.train_examples, args.test_examples, args.epochs)
     write_report(result, Path(args.json), Path(args.markdown))
@@ -287,6 +300,17 @@ def _bench_tables(args: argparse.Namespace) -> int:
     bench_tables.write_results(results, Path(args.json))
     print(bench_tables.markdown_table(results))
     print(f"figures in {args.json}")
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)  # pipeline.runs loads Keras
+    from pipeline.results import write_results
+
+    runs = write_results(cfg, Path(args.runs_dir or cfg.runs_dir), Path(args.peer_json), Path(args.out))
+    print(Path(args.out).read_text())
+    print(f"{len(runs)} run(s) of {cfg.name}; written to {args.out}")
     return 0
 
 
@@ -388,6 +412,7 @@ COMMANDS = {
     "predict": _predict,
     "bench": _bench,
     "bench-tables": _bench_tables,
+    "results": _results,
     "check-config": _check_config,
     "gpu-check": _gpu_check,
 }

@@ -100,7 +100,8 @@ class ModelConfig(_Section):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
     learning_rate: float = Field(1e-3, gt=0.0)  # Adam
     # > 0: adversarial training; each step also learns from the embedded review pushed along
-    # the loss gradient by this fraction of its norm (about 2.5x the time, 2x the memory)
+    # the loss gradient by this fraction of its norm (a second forward pass: slower, more memory;
+    # docs/experiments/regularizers.md)
     adversarial_epsilon: float = Field(0.0, ge=0.0, lt=1.0)
     # word2vec: pretrained here; lm: embedding and LSTM from language models (pipeline/lm.py)
     embedding_init: Literal["random", "word2vec", "file", "lm"] = "random"

@@ -65,7 +65,7 @@ def first_round(cfg: Config) -> Config:
     n-gram regression. Its served model (BiLSTM + n-gram blend) then teaches this run.
 
     The first round trains without adversarial training: it only labels the unlabelled reviews,
-    and at about 2.5x the time per epoch its gain belongs to the model that is served. Its
+    and the extra time per epoch adversarial training costs belongs to the model that is served. Its
     n-gram branch is fitted without them (no `ngrams.cotrain`): a teacher whose branch had
     learned the very reviews it labels would hand back its own BiLSTM's labels. It starts
     from word2vec as usual (no `distill.warm_start`): it is the run a warm start starts from.

@@ -3,7 +3,8 @@
 A BiLSTM and a linear model over word n-grams make different mistakes: the first reads
 order and negation across a review, the second weighs every phrase of it at once. Their
 logits, combined by a logistic regression fitted on the validation split (stacking, in
-`pipeline.scoring`), beat either alone (BENCHMARKS.md). The linear model is NBSVM-style (Wang & Manning 2012):
+`pipeline.scoring`), beat either alone (docs/experiments/ngrams.md). The linear model is
+NBSVM-style (Wang & Manning 2012):
 
     counts of 1..order-grams -> sublinear tf (1 + log count) x idf -> L2 norm -> x NB ratio
 

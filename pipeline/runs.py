@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,11 +226,27 @@ class Run:
             self.close()
 
 
+def code_commit() -> str | None:
+    """The git commit of this code (`-dirty` if tracked files differ from it); None outside git."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        return None
+
+
 def _hold(run_dir: Path, resumed: bool, fp: str) -> Run:
     lock = DirLock(run_dir / LOCK_FILE, f"run {run_dir}")
     run = Run(run_dir, resumed, lock, read_json(run_dir / RUN_FILE))
-    if not resumed:
-        run.update(status="running", fingerprint=fp, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if not resumed:  # the code and the command that started it, so a result names both
+        run.update(status="running", fingerprint=fp, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   commit=code_commit(), command=sys.argv[1:])
     return run
 
 

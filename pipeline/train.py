@@ -424,7 +424,7 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
     unlabelled = None
     if cfg.ngrams.cotrain:  # the teacher, when there is one, holds them already
         # Whole reviews only, not their crops: a crop's n-grams are all in its review, so it tells
-        # a bag of n-grams nothing new (in BENCHMARKS.md fitting them cost 0.3 points served).
+        # a bag of n-grams nothing new, and fitting them cost accuracy (docs/experiments/distillation.md).
         unlabelled = teacher.reviews if teacher is not None else distill.unlabelled_reviews(cfg)
     if teacher is None and cfg.distill.enabled and unlabelled is None:
         teacher = run_teacher(cfg, raw, run, teacher_dir)  # a run resumed after training: cached

@@ -1,6 +1,10 @@
+import json
+import sys
+
 import pytest
 
-from pipeline.bench import MARK_END, MARK_START, peer_table, run_bench, run_peer, write_report
+from pipeline.bench import MARK_END, MARK_START, peer_table, run_bench, run_peer, write_peer, write_report
+from pipeline.runs import code_commit
 
 
 @pytest.mark.slow
@@ -28,8 +32,8 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     assert served["test_accuracy"] >= 0.8 and served["test_auc"] >= 0.8
     assert served["train_seconds"] >= sum(result["pipeline"]["seconds_per_epoch"])
 
-    md = tmp_path / "BENCHMARKS.md"
-    md.write_text(f"# Benchmarks\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
+    md = tmp_path / "speed.md"
+    md.write_text(f"# Speed\n\nnotes above\n\n{MARK_START}\nold\n{MARK_END}\n\nnotes below\n")
     write_report(result, tmp_path / "out" / "bench.json", md)
     write_report(result, tmp_path / "out" / "bench.json", md)
     text = md.read_text()
@@ -41,9 +45,14 @@ def test_bench_runs_both_sides_and_rewrites_its_table(tiny_cfg, tmp_path):
     assert (tmp_path / "out" / "bench.json").is_file()
 
 
-def test_peer_alone_uses_the_same_splits(tiny_cfg):
+def test_peer_alone_uses_the_same_splits_and_keeps_its_record(tiny_cfg, tmp_path):
     result = run_peer(tiny_cfg, None, None)
     assert result["train_examples"] == 90 and result["test_examples"] == 40  # train[:75%] of 120
     assert result["peer"]["test_accuracy"] >= 0.8 and result["peer"]["test_auc"] >= 0.8
+    # what `make results` reads: the code's commit, the command, the time and memory it took
+    assert result["commit"] == code_commit() and result["command"] == sys.argv[1:]
+    assert result["total_seconds"] >= result["peer"]["train_seconds"] and result["peak_rss_mib"] > 0
+    write_peer(result, tmp_path / "out" / "peer.json")
+    assert json.loads((tmp_path / "out" / "peer.json").read_text()) == result
     table = peer_table(result, "")
     assert "(c) linear peer" in table and "(a)" not in table

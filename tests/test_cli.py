@@ -90,9 +90,10 @@ def test_export_and_the_side_commands_never_load_the_training_spine():
     import subprocess
     import sys
 
-    # The modules behind `export`, `bench`, `gpu-check` and `tune`, in a fresh interpreter.
+    # The modules behind `export`, `bench`, `gpu-check`, `results` and `tune`, in a fresh interpreter.
     code = ("import sys, pipeline.cli, pipeline.export, pipeline.bench, pipeline.gpu_check, "
-            "pipeline.tune; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))")
+            "pipeline.results, pipeline.tune; "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

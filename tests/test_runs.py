@@ -151,11 +151,25 @@ def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatc
 # --- run directories and locks --------------------------------------------------------------------
 
 
+def test_code_commit_is_the_checkouts_or_none_without_git(monkeypatch):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(runs.__file__).parent,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert runs.code_commit() in (head, f"{head}-dirty")
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(runs.subprocess, "run", no_git)
+    assert runs.code_commit() is None
+
+
 def test_open_run_resumes_running_and_trained_runs_only(tiny_cfg):
     fp = _fp(tiny_cfg)
     with open_run(tiny_cfg, fp, fresh=False) as run:
         assert not run.resumed and run.status == "running"
-        assert json.loads((run.dir / "run.json").read_text())["fingerprint"] == fp
+        record = json.loads((run.dir / "run.json").read_text())
+        assert record["fingerprint"] == fp and record["command"] == sys.argv[1:]
+        assert record["commit"] == runs.code_commit()  # this checkout's commit
     with open_run(tiny_cfg, fp, fresh=False) as again:
         assert (again.dir, again.resumed) == (run.dir, True)
         again.update(status="trained")
@@ -241,7 +255,7 @@ def test_a_second_train_of_a_live_run_exits_1_with_one_line(imdb_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_two_train_processes_of_one_config_never_share_a_run(imdb_dir, tmp_path, capsys):
-    """Issue 11's reproduction: a second `train` while the first is training stops at once."""
+    """The reported double start, reproduced: a second `train` while the first is training stops at once."""
     import time
 
     overrides = tiny_overrides(imdb_dir, tmp_path) + [  # long enough to be caught mid-training
