@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", metavar="PATH|latest", default=None,
                    help="train with the best hyperparameters of a tuning: a best_hparams.json, its "
                         "folder, or 'latest' (this config name's); same as --set model.tuned_hparams=...")
+    p.add_argument("--force", action="store_true",
+                   help="publish the export even if the release gate (export.gate) finds it worse than "
+                        "the newest published version")
 
     p = sub.add_parser("tune", help="search the embedding size with KerasTuner (resumable)")
     _config_args(p)
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the latest finished run again, without retraining")
     _config_args(p)
     p.add_argument("--run", default=None, help="run directory (default: the latest finished run)")
+    p.add_argument("--force", action="store_true",
+                   help="publish even if the release gate (export.gate) finds it worse than the newest "
+                        "published version")
 
     p = sub.add_parser("pretrain", help="train the config's pretrained start (word2vec vectors or language "
                                         "models) on the unlabelled reviews (cached)")
@@ -188,6 +194,7 @@ def _train(args: argparse.Namespace) -> int:
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
     _import_tensorflow(args)  # after the config: a bad one fails before TensorFlow loads
+    from pipeline.export import gate_line
     from pipeline.train import train
 
     provenance = None
@@ -195,7 +202,8 @@ def _train(args: argparse.Namespace) -> int:
         from pipeline.tune import apply_tuned
 
         cfg, provenance = apply_tuned(cfg)
-    result = train(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance)
+    result = train(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance,
+                   force=args.force)
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0
@@ -212,6 +220,8 @@ def _train(args: argparse.Namespace) -> int:
     if result.export:
         print(f"exported: {result.export.path} (version {result.export.version}; reloaded "
               f"predictions within {result.export.max_abs_diff:.2g})")
+        if result.export.gate:
+            print(gate_line(result.export.gate))
     return 0
 
 
@@ -221,16 +231,18 @@ def _export(args: argparse.Namespace) -> int:
         raise PipelineError(f"--run {args.run}: not a run directory (no config.yaml); "
                             f"runs are under {cfg.runs_dir}/{cfg.name}/")
     _import_tensorflow(args)
-    from pipeline.export import export_run  # not pipeline.train: re-exporting trains nothing
+    from pipeline.export import export_run, gate_line  # not pipeline.train: re-exporting trains nothing
     from pipeline.runs import latest_finished_run
 
     try:
         run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
     except FileNotFoundError as exc:  # "no finished run": the user's to fix, not a bug
         raise PipelineError(str(exc)) from None
-    result = export_run(run_dir, export_dir=cfg.export.dir)
+    result = export_run(run_dir, export_dir=cfg.export.dir, force=args.force, gate_on=cfg.export.gate)
     print(f"exported {run_dir} -> {result.path} (version {result.version}; reloaded "
           f"predictions within {result.max_abs_diff:.2g})")
+    if result.gate:
+        print(gate_line(result.gate))
     return 0
 
 

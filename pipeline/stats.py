@@ -84,6 +84,11 @@ def mcnemar_p(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
+def p_text(p: float) -> str:
+    """`p = 0.031`, `p = 1.9e-06`; below what a float holds, `p < 1e-300`."""
+    return f"p = {p:.2g}" if p > 1e-300 else "p < 1e-300"
+
+
 def paired_difference(scores_a: np.ndarray, scores_b: np.ndarray, confidence: float = CONFIDENCE,
                       resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """B's mean per-row score minus A's on the same rows, with a paired bootstrap interval.
