@@ -157,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="reviews to score (default: one per non-empty line on stdin)")
 
+    p = sub.add_parser("evaluate", help="score an export on a labelled set: metrics with intervals, "
+                                        "slices, calibration, errors (docs/evaluate.md)")
+    _config_args(p)
+    p.add_argument("--model", "-m", default=None,
+                   help="saved_models/<name> (its newest version) or saved_models/<name>/<N> "
+                        "(default: the config's export.dir/name)")
+    p.add_argument("--data", "-d", required=True, metavar="FILE|GLOB|tfds:NAME[:SPLIT]",
+                   help="labelled rows: a CSV/TSV/JSONL file or glob (columns data.text_column and "
+                        "data.label_column), or a tfds set, e.g. tfds:imdb_reviews:test")
+    p.add_argument("--against", metavar="MODEL", default=None,
+                   help="a second export scored on the same rows: the paired difference, per slice too")
+    p.add_argument("--slice-by", action="append", default=[], metavar="COLUMN",
+                   help="also slice by this column of the file (repeatable); length quartiles always")
+    p.add_argument("--fit-threshold", action="append", default=[], choices=("accuracy", "f1"),
+                   help="report the threshold that maximizes this on the data (the export is unchanged)")
+    p.add_argument("--out", default="evaluation", help="results go to <out>/<time>/ (default: evaluation)")
+
     p = sub.add_parser("gpu-check", help="on a GPU machine: cuDNN use, seconds per epoch with and "
                                          "without mixed precision, export served with GPUs hidden")
     _config_args(p)
@@ -340,6 +357,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)
+    from pipeline import evaluate  # TensorFlow only: no training code
+
+    model = Path(args.model) if args.model else Path(cfg.export.dir) / cfg.name
+    result = evaluate.evaluate(model, args.data, cfg.data,
+                               Path(args.against) if args.against else None, args.slice_by,
+                               args.fit_threshold)
+    folder = evaluate.write(result, Path(args.out))
+    m = result["metrics"]
+    low, high = m["accuracy"]["interval"]
+    speed = result["speed"][0]["reviews_per_second"]
+    print(f"{result['model']} on {result['data']}: {result['rows']} rows, {speed:.0f} reviews/s")
+    print(f"accuracy {m['accuracy']['value']:.4f} (95% {low:.4f}-{high:.4f})  auc {m['auc']['value']:.4f}  "
+          f"ece {m['ece']['value']:.4f}  log loss {m['log_loss']['value']:.4f}")
+    worst = result["slices"][0]
+    print(f"worst slice: {worst['slicing']} {worst['slice']}: accuracy {worst['accuracy']:.4f} "
+          f"({worst['rows']} rows)")
+    for t in result["thresholds"]:
+        print(f"threshold for the best {t['metric']} here: {t['threshold']:.4f} ({t['value']:.4f}, "
+              f"{t['at_0.5']:.4f} at 0.5; the export is unchanged)")
+    if "against" in result:
+        print(result["against"]["sentence"])
+    print(f"report: {folder / 'report.md'}")
+    return 0
+
+
 def _gpu_check(args: argparse.Namespace) -> int:
     for flag, value in (("--train-examples", args.train_examples), ("--epochs", args.epochs)):
         if value < 1:
@@ -372,6 +417,7 @@ COMMANDS = {
     "tune": _tune,
     "pretrain": _pretrain,
     "predict": _predict,
+    "evaluate": _evaluate,
     "bench": _bench,
     "check-config": _check_config,
     "gpu-check": _gpu_check,
