@@ -387,10 +387,12 @@ def data_identity(cfg: DataConfig) -> dict:
     return {"source": "directory", "files": files, "digest": digest.hexdigest()[:16]}
 
 
-def tfds_split(cfg: DataConfig, split: str) -> tuple[tf.data.Dataset, tuple[str, ...] | None, int | None]:
+def tfds_split(cfg: DataConfig, split: str
+               ) -> tuple[tf.data.Dataset, tuple[str, ...] | None, int | None, str]:
     """One split of tfds dataset `data.tfds_name` as (text, label) pairs, in the dataset's order,
-    for scoring a model on it: the label's class names (None when it is not a ClassLabel) and the
-    split's size, where the prepared copy records it. `split` may be sliced (`test[:10%]`)."""
+    for scoring a model on it; the label's class names (None when it is not a ClassLabel), the
+    split's size where the prepared copy records it, and the label feature's name. `split` may
+    be sliced (`test[:10%]`)."""
     import tensorflow_datasets as tfds
 
     data_dir = tfds_data_dir(cfg)
@@ -414,4 +416,4 @@ def tfds_split(cfg: DataConfig, split: str) -> tuple[tf.data.Dataset, tuple[str,
         ds = ds.map(lambda ex: (ex[text_key], ex[label_key]))
     feature = builder.info.features[label_key]
     names = tuple(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
-    return ds, names, size
+    return ds, names, size, label_key

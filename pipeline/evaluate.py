@@ -57,6 +57,7 @@ class Rows:
     total: int | None  # rows, where known before reading
     chunks: Iterator[tuple[list[str], list[str]]]  # (texts, label values) per chunk, in order
     values: dict[str, int | None]  # the label values it can hold, with their rows where known
+    label_column: str  # where the values come from, for messages
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # --slice-by column: value per row
 
 
@@ -82,7 +83,7 @@ def file_rows(pattern: str, cfg: DataConfig, slice_by: list[str]) -> Rows:
             rows = np.arange(start, min(start + CHUNK, len(table)))
             yield list(tables.read_texts(table, rows)), [table.values[c] for c in table.codes[rows]]
 
-    return Rows(pattern, len(table), chunks(), table.label_counts(), columns)
+    return Rows(pattern, len(table), chunks(), table.label_counts(), cfg.label_column, columns)
 
 
 def tfds_rows(spec: str, cfg: DataConfig, slice_by: list[str]) -> Rows:
@@ -95,7 +96,7 @@ def tfds_rows(spec: str, cfg: DataConfig, slice_by: list[str]) -> Rows:
     if slice_by:
         raise EvaluateError("--slice-by: only for files; a tfds set is sliced by length alone")
     cfg = cfg.model_copy(update={"tfds_name": name})
-    ds, names, total = data_mod.tfds_split(cfg, split or DEFAULT_SPLIT)
+    ds, names, total, label_key = data_mod.tfds_split(cfg, split or DEFAULT_SPLIT)
 
     def chunks() -> Iterator[tuple[list[str], list[str]]]:
         try:
@@ -106,7 +107,7 @@ def tfds_rows(spec: str, cfg: DataConfig, slice_by: list[str]) -> Rows:
             raise data_mod.DataError(f"cannot read {spec}: {exc.message.splitlines()[0]}; prepare "
                                      "the dataset again or restore its files") from None
 
-    return Rows(spec, total, chunks(), dict.fromkeys(names) if names else {})
+    return Rows(spec, total, chunks(), dict.fromkeys(names) if names else {}, label_key)
 
 
 def open_rows(data: str, cfg: DataConfig, slice_by: list[str]) -> Rows:
@@ -149,6 +150,7 @@ class Scored:
 
 
 def score_rows(rows: Rows, serves: list) -> Scored:
+    """Every row through every model's `serving_default`, a chunk at a time."""
     values: dict[str, int] = {}
     codes, words, probabilities = [], [], [[] for _ in serves]
     sides: list[dict[bool, str]] = [{} for _ in serves]
@@ -169,7 +171,7 @@ def score_rows(rows: Rows, serves: list) -> Scored:
             p = probabilities[0][-1]
             for j, (text, value) in enumerate(zip(texts, labels, strict=True)):
                 heap = confident.setdefault((value, bool(p[j] >= THRESHOLD)), [])
-                item = (abs(float(p[j]) - 0.5), -(seen + j), text[:ERROR_CHARS], float(p[j]))
+                item = (abs(float(p[j]) - THRESHOLD), -(seen + j), text[:ERROR_CHARS], float(p[j]))
                 (heapq.heappush if len(heap) < ERRORS else heapq.heappushpop)(heap, item)
             seen += len(texts)
             progress.add(len(texts))
@@ -267,7 +269,7 @@ def slice_table(slicing: str, which: np.ndarray, names: list[str], correct: list
 def verdict(cmp: dict, a: str, b: str) -> str:
     """One sentence: which is better by how many points, or no difference beyond noise."""
     half = (cmp["high"] - cmp["low"]) / 2 * 100
-    if cmp["p"] >= 0.05:
+    if cmp["p"] >= stats.BEYOND_NOISE:
         return (f"no difference beyond noise ({b} minus {a}: {cmp['difference'] * 100:+.2f} ± {half:.2f} "
                 f"points, {stats.p_text(cmp['p'])})")
     better = b if cmp["difference"] > 0 else a
@@ -287,7 +289,7 @@ def evaluate(model: Path, data: str, cfg: DataConfig, against: Path | None = Non
     given = cfg.label_names()
     recorded = [predict.label_names(p) for p in paths]
     if recorded[0] is not None:  # then a wrong label value is found now, not after scoring
-        label_lookup(rows.values, recorded[0], given, rows.source, cfg.label_column)
+        label_lookup(rows.values, recorded[0], given, rows.source, rows.label_column)
     loaded = [predict.load(p) for p in paths]
     scored = score_rows(rows, [serve for _, serve in loaded])
 
@@ -298,7 +300,7 @@ def evaluate(model: Path, data: str, cfg: DataConfig, against: Path | None = Non
                             f"{list(names)}: set data.labels=[<negative>,<positive>] to compare them")
     counts = np.bincount(scored.codes, minlength=len(scored.values)).tolist()
     lookup = label_lookup(dict(zip(scored.values, counts, strict=True)), names, given, rows.source,
-                          cfg.label_column)
+                          rows.label_column)
     y = lookup[scored.codes]
     shown = given or names  # the user's names: the data's values when data.labels maps them
     correct = [(p >= THRESHOLD) == (y == 1) for p in scored.probabilities]
@@ -318,9 +320,8 @@ def evaluate(model: Path, data: str, cfg: DataConfig, against: Path | None = Non
          "at_0.5": (stats.f1(y, scored.probabilities[0]) if m == "f1" else float(np.mean(correct[0])))}
         for m in fit_threshold for t, v in [stats.best_threshold(y, scored.probabilities[0], m)]]
     result["errors"] = confident_errors(scored, lookup, shown)
-    result["speed"] = [{"model": str(p), "reviews_per_second": y.size / s if s else None,
-                        "seconds": round(s, 2), "batch": predict.BATCH} for p, s in zip(paths, scored.seconds,
-                                                                                     strict=True)]
+    result["speed"] = [{"model": str(p), "reviews_per_second": round(y.size / s, 1), "seconds": round(s, 2),
+                        "batch": predict.BATCH} for p, s in zip(paths, scored.seconds, strict=True)]
     if len(paths) > 1:
         cmp = stats.paired_difference(correct[0], correct[1])
         result["against"] = {"model": str(paths[1]),

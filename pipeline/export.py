@@ -308,7 +308,7 @@ def check_tolerance(model: keras.Model, tolerance: float) -> float:
     return tolerance
 
 
-GATE_P = 0.05  # worse beyond noise: lower test accuracy than the published version, McNemar p below this
+GATE_P = stats.BEYOND_NOISE  # worse beyond noise: lower test accuracy, exact McNemar p below this
 
 
 def gate(model_dir: Path, test: GateRows, force: bool = False) -> dict:
@@ -409,8 +409,10 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     return ExportResult(str(path), version, diff, len(check_texts), decision)
 
 
-def save_result(result: ExportResult, path: Path) -> None:
-    atomic.write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+def save_result(result: ExportResult | dict, path: Path) -> None:
+    """The run's export.json: the published version, or a refused export's record (`GateRefused`)."""
+    record = asdict(result) if isinstance(result, ExportResult) else result
+    atomic.write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model,
@@ -422,11 +424,6 @@ def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, ker
     load_weights(model, run_dir / WEIGHTS_FILE)
     ngram = ngrams.load(run_dir / NGRAMS_FILE) if cfg.ngrams.enabled else None
     return cfg, vectorizer, model, ngram
-
-
-def save_refusal(exc: GateRefused, path: Path) -> None:
-    """A refused export's record: nothing published, and the gate's comparison."""
-    atomic.write_text(path, json.dumps(exc.record, indent=2) + "\n")
 
 
 def export_run(run_dir: Path, export_dir: str | None = None, force: bool = False,
@@ -450,7 +447,7 @@ def export_run(run_dir: Path, export_dir: str | None = None, force: bool = False
     try:
         result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, labels, test, force)
     except GateRefused as exc:
-        save_refusal(exc, run_dir / EXPORT_FILE)
+        save_result(exc.record, run_dir / EXPORT_FILE)
         raise
     save_result(result, run_dir / EXPORT_FILE)
     return result

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 CONFIDENCE = 0.95  # two-sided, for every interval here
+BEYOND_NOISE = 0.05  # a difference with a two-sided p below this is called real
 RESAMPLES = 1000  # bootstrap resamples: the interval's ends move by well under its width between seeds
 SEED = 0
 BINS = 10  # equal-width probability bins for calibration

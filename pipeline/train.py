@@ -53,7 +53,6 @@ from pipeline.export import (
     check_writable,
     export_model,
     load_run,
-    save_refusal,
     save_result,
 )
 from pipeline.model import (
@@ -232,8 +231,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
                 result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, raw.labels,
                                       GateRows(test_texts, test_labels, served, raw.labels), force)
                 save_result(result, run.dir / EXPORT_FILE)
-            except GateRefused as exc:  # the run is done all the same: `make export --force` publishes it
-                save_refusal(exc, run.dir / EXPORT_FILE)
+            except GateRefused as exc:  # the run is done all the same: make export --force publishes it
+                save_result(exc.record, run.dir / EXPORT_FILE)
                 refused = exc
         run.update(status="finished", total_seconds_this_session=round(time.time() - t0, 1),
                    peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
