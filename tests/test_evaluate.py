@@ -123,15 +123,20 @@ def test_against_a_worse_export_says_which_is_better_by_how_much(trained_run, wo
     assert capsys.readouterr().out.count("no difference beyond noise") == 1
 
 
-def test_evaluate_a_tfds_split(trained_run, tmp_path):
+def test_evaluate_a_tfds_split(trained_run, tmp_path, capsys):
     _, result = trained_run
     tiny_tfds(tmp_path / "tfds")
     out = tmp_path / "evaluation"
-    assert _run("--model", result.export.path, "--data", "tfds:tiny_reviews:test",
-                "--set", f"data.data_dir={tmp_path / 'tfds'}", "--out", str(out)) == 0
+    where = ["--set", f"data.data_dir={tmp_path / 'tfds'}", "--out", str(out)]
+    assert _run("--model", result.export.path, "--data", "tfds:tiny_reviews:test", *where) == 0
     m = json.loads((_folder(out) / "metrics.json").read_text())
     assert (m["rows"], m["labels"], m["data"]) == (20, ["neg", "pos"], "tfds:tiny_reviews:test")
     assert sum(s["rows"] for s in m["slices"]) == 20
+    capsys.readouterr()
+    assert _run("--model", result.export.path, "--data", "tfds:tiny_reviews:validation", *where) == 1
+    assert _one_line_error(capsys) == ("error: tfds dataset 'tiny_reviews' has no split 'validation' "
+                                       "(splits: train, test)")
+    assert len(list(out.iterdir())) == 1
 
 
 def test_the_data_may_name_the_labels_its_own_way(trained_run, tmp_path):
