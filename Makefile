@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 SET_ARGS := $(foreach kv,$(SET),--set $(kv))
 RUN := $(PY) -m pipeline
 
-.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict bench bench-tables \
-	results gpu-check test test-all test-slow docs lint clean
+.PHONY: install train train-multiworker export tune tune-chief tune-worker pretrain all predict evaluate \
+	bench bench-tables results gpu-check test test-all test-slow docs lint clean
 
 # Reinstalls only when pyproject.toml changes.
 install: $(VENV)/.installed
@@ -52,6 +52,11 @@ export: install
 predict: install
 	$(RUN) predict --config $(CONFIG) $(SET_ARGS) $(if $(MODEL),--model $(MODEL)) $(ARGS) \
 		$(if $(TEXT),-- '$(subst ','\'',$(TEXT))')
+
+# make evaluate DATA=reviews.csv  (or DATA=tfds:imdb_reviews:test; MODEL=saved_models/<name>[/<N>],
+# default the config's; ARGS="--slice-by product --against saved_models/imdb_lstm/2"): docs/evaluate.md
+evaluate: install
+	$(RUN) evaluate --config $(CONFIG) $(SET_ARGS) $(if $(MODEL),--model $(MODEL)) --data '$(DATA)' $(ARGS)
 
 pretrain: install
 	$(RUN) pretrain --config $(CONFIG) $(SET_ARGS) $(ARGS)
@@ -100,5 +105,5 @@ lint: install
 	$(VENV)/bin/ruff check pipeline tests
 
 clean:
-	rm -rf runs tuning bench_results .pytest_cache .ruff_cache
+	rm -rf runs tuning bench_results evaluation .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

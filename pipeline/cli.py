@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", metavar="PATH|latest", default=None,
                    help="train with the best hyperparameters of a tuning: a best_hparams.json, its "
                         "folder, or 'latest' (this config name's); same as --set model.tuned_hparams=...")
+    p.add_argument("--force", action="store_true",
+                   help="publish the export even if the release gate (export.gate) finds it worse than "
+                        "the newest published version")
 
     p = sub.add_parser("tune", help="search the embedding size with KerasTuner (resumable)")
     _config_args(p)
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the latest finished run again, without retraining")
     _config_args(p)
     p.add_argument("--run", default=None, help="run directory (default: the latest finished run)")
+    p.add_argument("--force", action="store_true",
+                   help="publish even if the release gate (export.gate) finds it worse than the newest "
+                        "published version")
 
     p = sub.add_parser("pretrain", help="train the config's pretrained start (word2vec vectors or language "
                                         "models) on the unlabelled reviews (cached)")
@@ -169,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="reviews to score (default: one per non-empty line on stdin)")
 
+    p = sub.add_parser("evaluate", help="score an export on a labelled set: metrics with intervals, "
+                                        "slices, calibration, errors (docs/evaluate.md)")
+    _config_args(p)
+    p.add_argument("--model", "-m", default=None,
+                   help="saved_models/<name> (its newest version) or saved_models/<name>/<N> "
+                        "(default: the config's export.dir/name)")
+    p.add_argument("--data", "-d", required=True, metavar="FILE|GLOB|tfds:NAME[:SPLIT]",
+                   help="labelled rows: a CSV/TSV/JSONL file or glob (columns data.text_column and "
+                        "data.label_column), or a tfds set, e.g. tfds:imdb_reviews:test")
+    p.add_argument("--against", metavar="MODEL", default=None,
+                   help="a second export scored on the same rows: the paired difference, per slice too")
+    p.add_argument("--slice-by", action="append", default=[], metavar="COLUMN",
+                   help="also slice by this column of the file (repeatable); length quartiles always")
+    p.add_argument("--fit-threshold", action="append", default=[], choices=("accuracy", "f1"),
+                   help="report the threshold that maximizes this on the data (the export is unchanged)")
+    p.add_argument("--out", default="evaluation", help="results go to <out>/<time>/ (default: evaluation)")
+
     p = sub.add_parser("gpu-check", help="on a GPU machine: cuDNN use, seconds per epoch with and "
                                          "without mixed precision, export served with GPUs hidden")
     _config_args(p)
@@ -206,6 +229,7 @@ def _train(args: argparse.Namespace) -> int:
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
     _import_tensorflow(args)  # after the config: a bad one fails before TensorFlow loads
+    from pipeline.export import gate_line
     from pipeline.train import train
 
     provenance = None
@@ -213,7 +237,8 @@ def _train(args: argparse.Namespace) -> int:
         from pipeline.tune import apply_tuned
 
         cfg, provenance = apply_tuned(cfg)
-    result = train(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance)
+    result = train(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance,
+                   force=args.force)
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0
@@ -233,6 +258,8 @@ def _train(args: argparse.Namespace) -> int:
     if result.export:
         print(f"exported: {result.export.path} (version {result.export.version}; reloaded "
               f"predictions within {result.export.max_abs_diff:.2g})")
+        if result.export.gate:
+            print(gate_line(result.export.gate))
     return 0
 
 
@@ -246,16 +273,18 @@ def _export(args: argparse.Namespace) -> int:
         raise PipelineError(f"--run {args.run}: not a run directory (no config.yaml); "
                             f"runs are under {cfg.runs_dir}/{cfg.name}/")
     _import_tensorflow(args)
-    from pipeline.export import export_run  # not pipeline.train: re-exporting trains nothing
+    from pipeline.export import export_run, gate_line  # not pipeline.train: re-exporting trains nothing
     from pipeline.runs import latest_finished_run
 
     try:
         run_dir = Path(args.run) if args.run else latest_finished_run(cfg)
     except FileNotFoundError as exc:  # "no finished run": the user's to fix, not a bug
         raise PipelineError(str(exc)) from None
-    result = export_run(run_dir, export_dir=cfg.export.dir)
+    result = export_run(run_dir, export_dir=cfg.export.dir, force=args.force, gate_on=cfg.export.gate)
     print(f"exported {run_dir} -> {result.path} (version {result.version}; reloaded "
           f"predictions within {result.max_abs_diff:.2g})")
+    if result.gate:
+        print(gate_line(result.gate))
     return 0
 
 
@@ -378,6 +407,34 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    _import_tensorflow(args)
+    from pipeline import evaluate  # TensorFlow only: no training code
+
+    model = Path(args.model) if args.model else Path(cfg.export.dir) / cfg.name
+    result = evaluate.evaluate(model, args.data, cfg.data,
+                               Path(args.against) if args.against else None, args.slice_by,
+                               args.fit_threshold)
+    folder = evaluate.write(result, Path(args.out))
+    m = result["metrics"]
+    low, high = m["accuracy"]["interval"]
+    speed = result["speed"][0]["reviews_per_second"]
+    print(f"{result['model']} on {result['data']}: {result['rows']} rows, {speed:.0f} reviews/s")
+    print(f"accuracy {m['accuracy']['value']:.4f} (95% {low:.4f}-{high:.4f})  auc {m['auc']['value']:.4f}  "
+          f"ece {m['ece']['value']:.4f}  log loss {m['log_loss']['value']:.4f}")
+    worst = result["slices"][0]
+    print(f"worst slice: {worst['slicing']} {worst['slice']}: accuracy {worst['accuracy']:.4f} "
+          f"({worst['rows']} rows)")
+    for t in result["thresholds"]:
+        print(f"threshold for the best {t['metric']} here: {t['threshold']:.4f} ({t['value']:.4f}, "
+              f"{t['at_0.5']:.4f} at 0.5; the export is unchanged)")
+    if "against" in result:
+        print(result["against"]["sentence"])
+    print(f"report: {folder / 'report.md'}")
+    return 0
+
+
 def _gpu_check(args: argparse.Namespace) -> int:
     for flag, value in (("--train-examples", args.train_examples), ("--epochs", args.epochs)):
         if value < 1:
@@ -410,6 +467,7 @@ COMMANDS = {
     "tune": _tune,
     "pretrain": _pretrain,
     "predict": _predict,
+    "evaluate": _evaluate,
     "bench": _bench,
     "bench-tables": _bench_tables,
     "results": _results,

@@ -155,6 +155,10 @@ class DistributeConfig(_Section):
 class ExportConfig(_Section):
     dir: str = "saved_models"  # versions land in <dir>/<name>/<N>/
     verify_tolerance: float = Field(1e-5, gt=0.0)  # max |reloaded - in-memory| probability
+    # Release gate: refuse to publish a version whose test accuracy is lower than the newest
+    # published one's beyond noise (McNemar p < 0.05), since TF Serving serves the highest
+    # version by default; --force publishes anyway, and export.json records the comparison
+    gate: bool = True
 
 
 class TuneConfig(_Section):

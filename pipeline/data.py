@@ -450,3 +450,37 @@ def data_identity(cfg: DataConfig) -> dict:
                 digest.update(f"{split}/{cls}/{f.name} {f.stat().st_size}\n".encode())
                 files += 1
     return {"source": "directory", "files": files, "digest": digest.hexdigest()[:16]}
+
+
+def tfds_split(cfg: DataConfig, split: str
+               ) -> tuple[tf.data.Dataset, tuple[str, ...] | None, int | None, str]:
+    """One split of tfds dataset `data.tfds_name` as (text, label) pairs, in the dataset's order,
+    for scoring a model on it; the label's class names (None when it is not a ClassLabel), the
+    split's size where the prepared copy records it, and the label feature's name. `split` may
+    be sliced (`test[:10%]`)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = tfds_data_dir(cfg)
+    builder = _tfds_builder(cfg)
+    try:
+        text_key, label_key, supervised = _tfds_keys(cfg, builder.info)
+        download = _tfds_download(cfg, builder)
+        known = list(builder.info.splits)
+        if known and split.split("[")[0] not in known:
+            raise DataError(f"tfds dataset {cfg.tfds_name!r} has no split {split!r} (splits: "
+                            f"{', '.join(known)})")
+        ds = tfds.load(cfg.tfds_name, split=split, data_dir=data_dir, download=download,
+                       as_supervised=supervised, shuffle_files=False)
+        size = builder.info.splits[split].num_examples if known else None
+    except DataError:
+        raise
+    except Exception as exc:  # tfds raises many types; the user needs one message
+        if not builder.is_prepared():
+            raise _tfds_hint(cfg, f"no prepared copy in {builder.data_dir}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _tfds_hint(cfg, first[:200]) from exc
+    if not supervised:
+        ds = ds.map(lambda ex: (ex[text_key], ex[label_key]))
+    feature = builder.info.features[label_key]
+    names = tuple(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
+    return ds, names, size, label_key

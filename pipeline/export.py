@@ -9,6 +9,11 @@ reloaded and checked in a separate process that imports only TensorFlow, and onl
 renamed to `<dir>/<name>/<N>/`; TF Serving ignores non-numeric folders, so it never sees
 a half-written version, and earlier versions are never touched. A failure removes the
 temporary folder; one left by a killed exporter is removed by the next export.
+
+Before the rename, the release gate (`export.gate`) scores the newest published version
+through its SavedModel on the run's test split and refuses to publish a model that is
+worse beyond noise (`gate`); `force` publishes it anyway. Either way the comparison is
+returned, for the run's export.json.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import atomic, ngrams
+from pipeline import atomic, ngrams, predict, stats
 from pipeline import data as data_mod
 from pipeline.config import Config, load_config
 from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
@@ -38,7 +43,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import build_model, load_weights, logit_fn, model_kwargs
 from pipeline.ngrams import NgramModel
 from pipeline.runs import CONFIG_FILE, EXPORT_FILE, NGRAMS_FILE, RUN_FILE, VOCAB_FILE, WEIGHTS_FILE, read_json
-from pipeline.scoring import in_memory_predict, served_probability
+from pipeline.scoring import evaluate_rows, in_memory_predict, served_probability
 from pipeline.vectorize import load_vocabulary, make_vectorizer
 
 log = logging.getLogger(__name__)
@@ -79,12 +84,34 @@ class ExportError(PipelineError):
     """The export could not be written or did not pass its reload check; nothing was published."""
 
 
+class GateRefused(ExportError):
+    """The release gate kept the version out: worse beyond noise than the newest published one.
+
+    `record` is what the run's export.json holds instead of a published version.
+    """
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: str
     version: int
     max_abs_diff: float
     checked_texts: int
+    gate: dict | None = None  # the release gate's comparison and decision; None when it was off
+
+
+@dataclass(frozen=True)
+class GateRows:
+    """The run's test split and the new model's served probabilities of it: what the gate compares on."""
+
+    texts: list[str]
+    labels: np.ndarray  # 0/1
+    probabilities: np.ndarray  # P(label 1), as the new model serves them
+    names: tuple[str, str]  # the names of label 0 and label 1
 
 
 def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
@@ -126,6 +153,14 @@ def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mo
     archive.track(vectorizer)
     archive.add_endpoint(SIGNATURE, serve)
     return archive
+
+
+def write_label_names(export_path: Path, labels: tuple[str, str]) -> None:
+    """The names the version serves, negative then positive, for readers that have no run record
+    (`imdb-pipeline evaluate`); TF Serving ignores files in assets.extra other than its warm-up."""
+    target = export_path / predict.LABELS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(f"{name}\n" for name in labels), encoding="utf-8")
 
 
 def write_warmup_requests(export_path: Path, texts: list[str], model_name: str) -> Path:
@@ -273,12 +308,68 @@ def check_tolerance(model: keras.Model, tolerance: float) -> float:
     return tolerance
 
 
+GATE_P = stats.BEYOND_NOISE  # worse beyond noise: lower test accuracy, exact McNemar p below this
+
+
+def gate(model_dir: Path, test: GateRows, force: bool = False) -> dict:
+    """Compare the new model with the newest version under `model_dir` on the same test rows.
+
+    Both are scored as they serve: the published version through its SavedModel (its `label`
+    output against the true names), the new one by its served probabilities. The record for
+    export.json says `first` (nothing published yet), `published`, `refused` (lower accuracy
+    with an exact McNemar p below GATE_P) or `forced` (refused but for `force`).
+    """
+    try:
+        previous = predict.resolve_version(model_dir)
+    except predict.ModelError:
+        return {"decision": "first", "rows": len(test.texts)}
+    try:
+        _, serve = predict.load(previous)
+    except predict.ModelError:
+        raise ExportError(f"not published: the release gate cannot load version {previous.name} "
+                          f"({previous}) to compare with: repair or remove it, or export without "
+                          "the gate (--set export.gate=false)") from None
+    _, served_names = predict.score(serve, test.texts)
+    truth = np.asarray(test.names)[test.labels]
+    old_right = np.asarray(served_names) == truth
+    new_right = (test.probabilities >= THRESHOLD) == (test.labels == 1)
+    cmp = stats.paired_difference(old_right, new_right)
+    worse = cmp["difference"] < 0 and cmp["p"] < GATE_P
+    return {"compared_with": str(previous), "version": int(previous.name), "rows": cmp["rows"],
+            "accuracy": cmp["b"], "previous_accuracy": cmp["a"], "difference": cmp["difference"],
+            "interval": [cmp["low"], cmp["high"]], "p": cmp["p"],
+            "rule": f"refused when its accuracy is lower with exact McNemar p < {GATE_P}",
+            "decision": ("forced" if force else "refused") if worse else "published"}
+
+
+def gate_line(record: dict | None) -> str:
+    """What the gate decided, for the command's summary ("" when it was off)."""
+    if record is None:
+        return ""
+    if record["decision"] == "first":
+        return "release gate: the first version of this name, nothing to compare with"
+    return (f"release gate: {record['decision']}, test accuracy {record['accuracy']:.4f} against version "
+            f"{record['version']}'s {record['previous_accuracy']:.4f} ({stats.p_text(record['p'])})")
+
+
+def refusal(record: dict, new_version: int) -> str:
+    """The one line a refused export ends with: by how much, and how to publish anyway."""
+    half = (record["interval"][1] - record["interval"][0]) / 2 * 100
+    return (f"not published: version {new_version} would score {record['accuracy']:.4f} (test accuracy) "
+            f"against version {record['version']}'s {record['previous_accuracy']:.4f}, worse by "
+            f"{-record['difference'] * 100:.2f} ± {half:.2f} points ({stats.p_text(record['p'])}); "
+            "`make export ARGS=--force` publishes this run anyway, without training again")
+
+
 def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model, cfg: Config,
                  check_texts: list[str], ngram: NgramModel | None = None,
-                 labels: tuple[str, str] = LABELS) -> ExportResult:
+                 labels: tuple[str, str] = LABELS, test: GateRows | None = None,
+                 force: bool = False) -> ExportResult:
     """Write, verify and publish one SavedModel version; raise (leaving nothing) on failure.
 
     `labels`: the names of label 0 and 1, served as the `label` output beside `probability`.
+    `test`: the run's test rows for the release gate (`gate`), which runs when given and
+    `export.gate` is on; `force` publishes a model the gate would refuse.
     """
     model_dir = Path(cfg.export.dir) / cfg.name
     try:
@@ -292,6 +383,7 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
         try:
             _serving_archive(vectorizer, model, cfg, ngram, labels).write_out(str(staged), verbose=False)
             write_warmup_requests(staged, check_texts[:8], cfg.name)
+            write_label_names(staged, labels)
         except (OSError, tf.errors.OpError) as exc:  # disk full, permissions, quota
             raise _cannot_write(model_dir, exc) from None
         expected = in_memory_predict(vectorizer, model, check_texts, cfg.vectorize.max_length, ngram)
@@ -301,6 +393,11 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
         if not np.all(np.isfinite(got)) or diff > tolerance:
             raise ExportError(f"export check failed: reloaded predictions differ by {diff:.3g} "
                                f"(tolerance {tolerance:g})")
+        decision = gate(model_dir, test, force) if test is not None and cfg.export.gate else None
+        if decision is not None and decision["decision"] == "refused":
+            raise GateRefused(refusal(decision, (existing_versions(model_dir) or [0])[-1] + 1),
+                              {"path": None, "version": None, "max_abs_diff": diff,
+                               "checked_texts": len(check_texts), "gate": decision})
         try:
             path, version = publish(staged, model_dir)
         except OSError as exc:
@@ -309,11 +406,13 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
         shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s (version %d); reloaded predictions match within %.2g",
              path, version, diff)
-    return ExportResult(str(path), version, diff, len(check_texts))
+    return ExportResult(str(path), version, diff, len(check_texts), decision)
 
 
-def save_result(result: ExportResult, path: Path) -> None:
-    atomic.write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+def save_result(result: ExportResult | dict, path: Path) -> None:
+    """The run's export.json: the published version, or a refused export's record (`GateRefused`)."""
+    record = asdict(result) if isinstance(result, ExportResult) else result
+    atomic.write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model,
@@ -327,14 +426,28 @@ def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, ker
     return cfg, vectorizer, model, ngram
 
 
-def export_run(run_dir: Path, export_dir: str | None = None) -> ExportResult:
-    """Export a finished run again (a new version) without retraining."""
+def export_run(run_dir: Path, export_dir: str | None = None, force: bool = False,
+               gate_on: bool | None = None) -> ExportResult:
+    """Export a finished run again (a new version) without retraining.
+
+    `gate_on` (None: the run's export.gate) switches the release gate; `force` publishes a
+    model it refuses.
+    """
     cfg, vectorizer, model, ngram = load_run(run_dir)
-    if export_dir is not None:
-        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"dir": export_dir})})
+    update = {k: v for k, v in (("dir", export_dir), ("gate", gate_on)) if v is not None}
+    cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update=update)})
     raw = data_mod.load_raw(cfg.data, cfg.seed)
     # The names the run recorded: the data may have changed since, the model has not.
     labels = tuple(read_json(run_dir / RUN_FILE).get("labels") or raw.labels)
-    result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, labels)
+    test = None
+    if cfg.export.gate:
+        texts, y = data_mod.decoded(raw.test)
+        _, served = evaluate_rows(vectorizer, model, texts, y, cfg.vectorize.max_length, ngram)
+        test = GateRows(texts, y, served, labels)
+    try:
+        result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, labels, test, force)
+    except GateRefused as exc:
+        save_result(exc.record, run_dir / EXPORT_FILE)
+        raise
     save_result(result, run_dir / EXPORT_FILE)
     return result

@@ -8,12 +8,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.errors import PipelineError
 
 CHUNK = 1024  # reviews per call, so a long stdin stream never sits in memory at once
+BATCH = 256  # reviews per call when scoring a labelled set: the batch BENCHMARKS' serving rate is timed at
+LABELS_FILE = "assets.extra/labels.txt"  # in a version: its label names, negative then positive
 
 
 class ModelError(PipelineError):
@@ -72,3 +75,35 @@ def predict(serve, texts: Iterable[str | bytes]) -> Iterator[dict]:
                  else [LABELS[p >= THRESHOLD] for p in probs])
         for text, p, name in zip(chunk, probs, names, strict=True):
             yield {"text": text.decode("utf-8", "replace"), "probability": p, "label": name}
+
+
+def label_names(path: Path) -> tuple[str, str] | None:
+    """The (negative, positive) names a version serves, from its labels file; None for a version
+    exported before it was written (its `label` output still names them, row by row)."""
+    file = path / LABELS_FILE
+    if not file.is_file():
+        return None
+    names = file.read_text(encoding="utf-8").splitlines()
+    return (names[0], names[1]) if len(names) >= 2 else None
+
+
+def score(serve, texts: list[str | bytes], batch_size: int = BATCH) -> tuple[np.ndarray, list[str]]:
+    """Probabilities and label names of `texts`, in input order, `batch_size` at a time.
+
+    Reviews of similar length share a call: the serving graph pads each call to its own
+    longest review, so sorting first spends less time on padding.
+    """
+    raw = [t.encode("utf-8", "surrogateescape") if isinstance(t, str) else t for t in texts]
+    order = np.argsort([len(t) for t in raw], kind="stable")
+    probabilities = np.zeros(len(raw), dtype=np.float64)
+    names: list[str] = [""] * len(raw)
+    for start in range(0, len(raw), batch_size):
+        index = order[start:start + batch_size]
+        out = serve(**{INPUT_NAME: tf.constant([raw[i] for i in index], dtype=tf.string)})
+        p = out[OUTPUT_NAME].numpy()
+        probabilities[index] = p
+        batch_names = ([n.decode("utf-8", "replace") for n in out[LABEL_NAME].numpy()]
+                       if LABEL_NAME in out else [LABELS[v >= THRESHOLD] for v in p])
+        for i, name in zip(index, batch_names, strict=True):
+            names[i] = name
+    return probabilities, names

@@ -179,12 +179,20 @@ def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well.
     `names`: the user's names of label 0 and label 1."""
     texts, labels = data_mod.decoded(raw_test)
+    return evaluate_rows(vectorizer, model, texts, labels, max_length, ngram, names)[0]
+
+
+def evaluate_rows(vectorizer: keras.layers.TextVectorization, model: keras.Model, texts: list[str],
+                  labels: np.ndarray, max_length: int, ngram: NgramModel | None,
+                  names: tuple[str, str] = LABELS) -> tuple[dict, np.ndarray]:
+    """`evaluate` of decoded rows, and the served probabilities it scored (the release gate's)."""
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
-    metrics = metrics_of(served_probabilities(z_lstm, z_ngram, ngram), labels, names)
+    served = served_probabilities(z_lstm, z_ngram, ngram)
+    metrics = metrics_of(served, labels, names)
     if ngram is None:
-        return metrics
+        return metrics, served
     for part, z in (("lstm", z_lstm), ("ngrams", z_ngram)):
         alone = metrics_of(sigmoid(z), labels)
         metrics[part] = {k: alone[k] for k in ("accuracy", "auc", "loss")}
     metrics["blend"] = dict(zip(("lstm", "ngrams", "intercept"), ngram.blend, strict=True))
-    return metrics
+    return metrics, served

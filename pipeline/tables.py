@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import codecs
 import csv
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -528,3 +529,14 @@ def content_digest(paths: list[Path]) -> str:
                 _digests[memo] = hashlib.file_digest(f, "sha256").hexdigest()
         digest.update(_digests[memo].encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+def read_column(table: Table, column: str, key: str) -> Iterator[str]:
+    """The values of another column (`data.<key>`) of every row of `table`, in order; a row
+    without it gives "". A file without that column is an error naming the columns it has."""
+    fields = []
+    for path in table.paths:
+        source = _File(path)
+        header = next(source.records())[3]  # CSV, TSV: the header row; JSONL: the first object
+        fields.append(_field(path, source.fmt, header, column, key))
+    yield from read_texts(dataclasses.replace(table, fields=tuple(fields)), np.arange(len(table)))

@@ -48,6 +48,8 @@ from pipeline.distribute import (
 from pipeline.embeddings import write_projector
 from pipeline.export import (
     ExportResult,
+    GateRefused,
+    GateRows,
     check_texts,
     check_writable,
     export_model,
@@ -89,7 +91,7 @@ from pipeline.runs import (
     tidy_history,
     write_json,
 )
-from pipeline.scoring import blend_logit, evaluate, fit_ngram_branch, score_texts
+from pipeline.scoring import blend_logit, evaluate_rows, fit_ngram_branch, score_texts
 from pipeline.vectorize import (
     adapt_vectorizer,
     batch_ids,
@@ -113,11 +115,13 @@ class RunResult:
 
 
 def train(cfg: Config, fresh: bool = False, export: bool = True,
-          provenance: dict | None = None) -> RunResult:
+          provenance: dict | None = None, force: bool = False) -> RunResult:
     """Run the whole pipeline for one config; returns the run dir, test metrics and export.
 
     `provenance`: where tuned hyperparameters came from (`tune.apply_tuned`'s second value);
-    required when `cfg.model.tuned_hparams` is set, recorded in run.json.
+    required when `cfg.model.tuned_hparams` is set, recorded in run.json. `force`: publish even
+    what the release gate refuses. A refused export still finishes the run (its metrics and
+    export.json kept) and then raises `GateRefused`.
     """
     if cfg.model.tuned_hparams and provenance is None:
         raise ValueError("cfg.model.tuned_hparams is set: resolve it with pipeline.tune.apply_tuned "
@@ -218,14 +222,23 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         ngram = (ngram_branch(cfg, raw, vectorizer, model, run, teacher, teacher_dir)
                  if cfg.ngrams.enabled else None)
         log.info("evaluating on %d test reviews", sizes["test"])
-        metrics = evaluate(vectorizer, model, raw.test, cfg.vectorize.max_length, ngram, raw.labels)
+        test_texts, test_labels = data_mod.decoded(raw.test)
+        metrics, served = evaluate_rows(vectorizer, model, test_texts, test_labels,
+                                        cfg.vectorize.max_length, ngram, raw.labels)
         write_json(run.dir / METRICS_FILE, metrics)
-        result = None
+        result, refused = None, None
         if export:
-            result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, raw.labels)
-            save_result(result, run.dir / EXPORT_FILE)
+            try:
+                result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, raw.labels,
+                                      GateRows(test_texts, test_labels, served, raw.labels), force)
+                save_result(result, run.dir / EXPORT_FILE)
+            except GateRefused as exc:  # the run is done all the same: make export --force publishes it
+                save_result(exc.record, run.dir / EXPORT_FILE)
+                refused = exc
         run.update(status="finished", total_seconds_this_session=round(time.time() - t0, 1),
                    peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        if refused is not None:
+            raise refused
         return RunResult(run.dir, metrics, result)
 
 

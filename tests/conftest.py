@@ -95,6 +95,32 @@ def files_run(tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.fixture(scope="session")
+def worse_model(trained_run):
+    """trained_run's config, vectorizer and model with every weight zeroed and no n-gram branch:
+    it calls every review positive at p = 0.5, so it is right on half the balanced tiny test split."""
+    import numpy as np
+
+    from pipeline.export import load_run
+
+    _, result = trained_run
+    cfg, vectorizer, model, _ = load_run(result.run_dir)
+    model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+    return cfg, vectorizer, model
+
+
+@pytest.fixture(scope="session")
+def worse_export(worse_model, tmp_path_factory) -> Path:
+    """worse_model exported as version 1 of its own folder (not published beside trained_run's)."""
+    from pipeline.export import _serving_archive, write_label_names
+
+    cfg, vectorizer, model = worse_model
+    path = tmp_path_factory.mktemp("worse") / "tiny" / "1"
+    _serving_archive(vectorizer, model, cfg).write_out(str(path), verbose=False)
+    write_label_names(path, ("neg", "pos"))
+    return path
+
+
 # Fixtures that train (seconds each) and are shared by several tests, some in several files.
 SHARED_FIXTURES = ("trained_run", "reference_run", "searched", "trained_lm", "three_epoch_backup",
                    "files_run")
