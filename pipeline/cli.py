@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-by", action="append", default=[], metavar="COLUMN",
                    help="also slice by this column of the file (repeatable); length quartiles always")
     p.add_argument("--fit-threshold", action="append", default=[], choices=("accuracy", "f1"),
-                   help="report the threshold that maximizes this on the data (the export is unchanged)")
+                   help="report the threshold that maximizes this on the data (repeatable; the export "
+                        "is unchanged)")
     p.add_argument("--out", default="evaluation", help="results go to <out>/<time>/ (default: evaluation)")
 
     p = sub.add_parser("gpu-check", help="on a GPU machine: cuDNN use, seconds per epoch with and "

@@ -461,6 +461,7 @@ def _worse_run(trained_run, tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.slow  # three exports; the decisions themselves are the fast tests above
 def test_export_refused_by_the_gate_is_one_line_and_force_publishes(trained_run, tmp_path, monkeypatch,
                                                                     capsys):
     from pipeline.cli import main
