@@ -80,14 +80,14 @@ gpu-check: install
 	$(RUN) gpu-check --config $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/gpu.yaml) \
 		$(SET_ARGS) $(ARGS)
 
-# The fast tier (a few minutes on 2 cores): every test but those marked slow.
-test: install
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
-
-# test-all and test-slow run on TEST_WORKERS pytest-xdist processes (TEST_WORKERS=0: in this one);
-# the tests sharing a trained fixture stay in one worker (tests/conftest.py), so it is built once.
+# Every tier runs on TEST_WORKERS pytest-xdist processes (TEST_WORKERS=0: in this one); the tests
+# sharing a trained fixture stay in one worker (tests/conftest.py), so it is built once.
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
+# The fast tier (under 3 minutes on 2 cores): every test but those marked slow.
+test: install
+	$(PY) -m pytest -q -m "not slow" $(XDIST) $(ARGS)
 
 # Everything, the slow multi-process tests included (meant to take under 10 minutes on 2 cores).
 test-all: install

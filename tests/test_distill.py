@@ -74,6 +74,7 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
     assert info["distill"]["unlabelled_reviews"] == N_UNSUP and info["distill"]["cached"] is False
 
 
+@pytest.mark.slow  # two training runs
 @pytest.mark.parametrize("crops", [0, 1])
 def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabilities(
         unsup_dir, tmp_path, monkeypatch, crops):
@@ -269,6 +270,7 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     assert again.metrics == student.metrics  # the same seed draws the same numbers either way
 
 
+@pytest.mark.slow  # trains four runs
 def test_a_warm_started_student_begins_at_the_first_runs_weights(unsup_dir, tmp_path, monkeypatch):
     import pipeline.train as spine
     from pipeline.export import load_run
