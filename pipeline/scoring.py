@@ -18,7 +18,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import data as data_mod
 from pipeline import ngrams
 from pipeline.config import Config
 from pipeline.constants import LABELS, THRESHOLD
@@ -173,19 +172,12 @@ def metrics_of(p: np.ndarray, y: np.ndarray, labels: tuple[str, str] = LABELS) -
     }
 
 
-def evaluate(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-             raw_test: tf.data.Dataset, max_length: int, ngram: NgramModel | None,
-             names: tuple[str, str] = LABELS) -> dict:
-    """Metrics of the served model on `raw_test`; with an n-gram branch, of each part as well.
-    `names`: the user's names of label 0 and label 1."""
-    texts, labels = data_mod.decoded(raw_test)
-    return evaluate_rows(vectorizer, model, texts, labels, max_length, ngram, names)[0]
-
-
 def evaluate_rows(vectorizer: keras.layers.TextVectorization, model: keras.Model, texts: list[str],
                   labels: np.ndarray, max_length: int, ngram: NgramModel | None,
                   names: tuple[str, str] = LABELS) -> tuple[dict, np.ndarray]:
-    """`evaluate` of decoded rows, and the served probabilities it scored (the release gate's)."""
+    """Metrics of the served model on `texts` (their `labels` 0/1), and the served probabilities
+    it scored (the release gate compares on them); with an n-gram branch, each part's metrics as
+    well. `names`: the user's names of label 0 and label 1."""
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, max_length, ngram)
     served = served_probabilities(z_lstm, z_ngram, ngram)
     metrics = metrics_of(served, labels, names)

@@ -99,14 +99,13 @@ def test_in_memory_predict_matches_the_traced_serving_function(scored_parts):
 
 def test_evaluate_scores_the_blend_and_each_part(scored_parts):
     vectorizer, model, branch, texts, labels = scored_parts
-    raw = tf.data.Dataset.from_tensor_slices((texts, labels))
-    m = scoring.evaluate(vectorizer, model, raw, 16, branch)
+    m = scoring.evaluate_rows(vectorizer, model, texts, labels, 16, branch)[0]
     z_lstm, z_ngram = scoring.score_texts(vectorizer, model, texts, 16, branch)
     served = scoring.metrics_of(scoring.sigmoid(0.7 * z_lstm + 1.3 * z_ngram - 0.2), labels)
     assert m["accuracy"] == served["accuracy"] and m["auc"] == pytest.approx(served["auc"])
     assert m["ngrams"]["accuracy"] == scoring.metrics_of(scoring.sigmoid(z_ngram), labels)["accuracy"]
     assert m["ngrams"]["accuracy"] >= 0.9  # the branch fits its own separable training reviews
     assert m["blend"] == {"lstm": 0.7, "ngrams": 1.3, "intercept": -0.2}
-    alone = scoring.evaluate(vectorizer, model, raw, 16, None)
+    alone = scoring.evaluate_rows(vectorizer, model, texts, labels, 16, None)[0]
     assert "lstm" not in alone and "blend" not in alone
     assert alone["accuracy"] == scoring.metrics_of(scoring.sigmoid(z_lstm), labels)["accuracy"]
