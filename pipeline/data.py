@@ -63,6 +63,15 @@ def _tfds_hint(cfg: DataConfig, why: str) -> DataError:
                      f"after `tfds build {cfg.tfds_name}`; or use data.source=directory or files")
 
 
+def _tfds_failure(cfg: DataConfig, builder, exc: Exception) -> DataError:
+    """One line for a failed tfds load: tfds's own words for a missing copy are advice for
+    Python callers, and its other messages run to several lines."""
+    if not builder.is_prepared():
+        return _tfds_hint(cfg, f"no prepared copy in {builder.data_dir}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _tfds_hint(cfg, first[:200])
+
+
 def _tfds_builder(cfg: DataConfig):
     """tfds's builder of data.tfds_name; an unknown name is one line with the nearest names."""
     import difflib
@@ -171,10 +180,7 @@ def _tfds_splits(cfg: DataConfig, seed: int
     except DataError:
         raise
     except Exception as exc:  # tfds raises many types; the user needs one message
-        if not builder.is_prepared():  # tfds's own words here are advice for Python callers
-            raise _tfds_hint(cfg, f"no prepared copy in {builder.data_dir}") from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _tfds_hint(cfg, first[:200]) from exc
+        raise _tfds_failure(cfg, builder, exc) from exc
     if not supervised:
         datasets = tuple(ds.map(lambda ex: (ex[text_key], tf.cast(ex[label_key], tf.int64)))
                          for ds in datasets)
@@ -475,10 +481,7 @@ def tfds_split(cfg: DataConfig, split: str
     except DataError:
         raise
     except Exception as exc:  # tfds raises many types; the user needs one message
-        if not builder.is_prepared():
-            raise _tfds_hint(cfg, f"no prepared copy in {builder.data_dir}") from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _tfds_hint(cfg, first[:200]) from exc
+        raise _tfds_failure(cfg, builder, exc) from exc
     if not supervised:
         ds = ds.map(lambda ex: (ex[text_key], ex[label_key]))
     feature = builder.info.features[label_key]
