@@ -11,6 +11,10 @@ class PipelineError(RuntimeError):
     """A failure the user can act on (bad data, a failed export check, ...): one line, exit 1."""
 
 
+class DataError(PipelineError):
+    """Data that cannot be read; the message says what to do (`pipeline.data` and its sources)."""
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key: exit 2."""
 
