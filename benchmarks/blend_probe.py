@@ -30,7 +30,7 @@ from outside_imdb import SETS, read_set  # noqa: E402
 
 from pipeline import data as data_mod  # noqa: E402
 from pipeline.distill import sentence_crops  # noqa: E402
-from pipeline.export import load_run  # noqa: E402
+from pipeline.run_files import load_run  # noqa: E402
 from pipeline.scoring import score_texts  # noqa: E402
 
 CROPS = 2  # per validation review

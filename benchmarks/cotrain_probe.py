@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from pipeline import data as data_mod  # noqa: E402
 from pipeline import distill, ngrams  # noqa: E402
-from pipeline.export import load_run  # noqa: E402
+from pipeline.run_files import load_run  # noqa: E402
 from pipeline.scoring import blend_logit, fit_blend, ngram_logits, score_texts, sigmoid  # noqa: E402
 
 

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline import data as data_mod  # noqa: E402
 from pipeline.bench import fit_linear_peer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.export import load_run  # noqa: E402
+from pipeline.run_files import load_run  # noqa: E402
 from pipeline.runs import CONFIG_FILE  # noqa: E402
 from pipeline.scoring import blend_logit, score_texts, sigmoid  # noqa: E402
 

@@ -39,13 +39,13 @@ from pipeline.export import export_model
 from pipeline.model import EpochTimer, build_model, logit_fn, model_kwargs
 from pipeline.runs import code_commit
 from pipeline.scoring import (
-    fit_ngram_branch,
     metrics_of,
     score_texts,
     served_probabilities,
     served_probability,
     sigmoid,
 )
+from pipeline.stacking import fit_ngram_branch
 from pipeline.vectorize import adapt_vectorizer, standardize, vectorize_split
 
 log = logging.getLogger(__name__)

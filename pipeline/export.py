@@ -35,16 +35,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import atomic, ngrams, predict, stats
+from pipeline import atomic, predict, stats
 from pipeline import data as data_mod
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.errors import PipelineError
-from pipeline.model import build_model, load_weights, logit_fn, model_kwargs
+from pipeline.model import build_model, logit_fn, model_kwargs
 from pipeline.ngrams import NgramModel
-from pipeline.runs import CONFIG_FILE, EXPORT_FILE, NGRAMS_FILE, RUN_FILE, VOCAB_FILE, WEIGHTS_FILE, read_json
+from pipeline.run_files import load_run
+from pipeline.runs import EXPORT_FILE, RUN_FILE, read_json
 from pipeline.scoring import evaluate_rows, in_memory_predict, served_probability
-from pipeline.vectorize import load_vocabulary, make_vectorizer
 
 log = logging.getLogger(__name__)
 
@@ -413,17 +413,6 @@ def save_result(result: ExportResult | dict, path: Path) -> None:
     """The run's export.json: the published version, or a refused export's record (`GateRefused`)."""
     record = asdict(result) if isinstance(result, ExportResult) else result
     atomic.write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def load_run(run_dir: Path) -> tuple[Config, keras.layers.TextVectorization, keras.Model,
-                                      NgramModel | None]:
-    """Rebuild a finished run's config, vectorizer, trained model and n-gram branch (if any)."""
-    cfg = load_config(run_dir / CONFIG_FILE)
-    vectorizer = make_vectorizer(cfg.vectorize, load_vocabulary(run_dir / VOCAB_FILE))
-    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
-    load_weights(model, run_dir / WEIGHTS_FILE)
-    ngram = ngrams.load(run_dir / NGRAMS_FILE) if cfg.ngrams.enabled else None
-    return cfg, vectorizer, model, ngram
 
 
 def export_run(run_dir: Path, export_dir: str | None = None, force: bool = False,

@@ -3,30 +3,23 @@
 Training, the benchmark and the export check all score through here, so "what the model
 says about a review" is computed one way: the LSTM's logit (`score_texts`), the n-gram
 branch's logit (`pipeline.ngrams` holds the branch itself), their blend, fitted on the
-validation split (`fit_ngram_branch`) and applied in NumPy (`served_probabilities`) or in
-TensorFlow ops for the SavedModel (`served_probability`), and the metrics of the result.
+validation split (`fit_blend`, which `pipeline.stacking` calls) and applied in NumPy
+(`served_probabilities`) or in TensorFlow ops for the SavedModel (`served_probability`),
+and the metrics of the result.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import logging
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import ngrams
-from pipeline.config import Config
 from pipeline.constants import LABELS, THRESHOLD
 from pipeline.model import logit_fn
 from pipeline.ngrams import NgramModel
 from pipeline.vectorize import texts_to_padded_ids
-
-log = logging.getLogger(__name__)
-
 
 # --- the parts' logits --------------------------------------------------------------------------
 
@@ -80,33 +73,6 @@ def blend_logit(lstm_logit, ngram_logit, blend: tuple[float, float, float]):
     """The served logit: works on NumPy arrays and on tensors alike."""
     a, b, c = blend
     return a * lstm_logit + b * ngram_logit + c
-
-
-def fit_ngram_branch(cfg: Config, vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     train: tuple[list[str], np.ndarray], validation: tuple[list[str], np.ndarray],
-                     branch: NgramModel | None = None, unlabelled: list[str] | None = None
-                     ) -> NgramModel:
-    """The n-gram regression on the training reviews (unless `branch` is that regression
-    already: a distilling run's teacher), plus, given `unlabelled` reviews, those labelled by
-    the trained LSTM's probabilities (co-training); then its blend with the LSTM on the
-    validation reviews (which neither model was fitted on)."""
-    t0 = time.time()
-    if unlabelled is not None:
-        z_lstm, _ = score_texts(vectorizer, model, unlabelled, cfg.vectorize.max_length)
-        log.info("n-gram branch: fitting on %d training reviews + %d labelled by the LSTM",
-                 len(train[0]), len(unlabelled))
-        branch = ngrams.fit(*train, cfg.ngrams, soft=(unlabelled, sigmoid(z_lstm)))
-    elif branch is None:
-        log.info("n-gram branch: fitting on %d training reviews", len(train[0]))
-        branch = ngrams.fit(*train, cfg.ngrams)
-    texts, labels = validation
-    z_lstm, z_ngram = score_texts(vectorizer, model, texts, cfg.vectorize.max_length, branch)
-    branch = dataclasses.replace(branch, blend=fit_blend(z_lstm, z_ngram, labels))
-    a, b, c = branch.blend
-    log.info("n-gram branch: %d n-grams in %.0fs; validation accuracy LSTM %.4f, n-grams %.4f; "
-             "blend %.3f x LSTM + %.3f x n-grams %+.3f", len(branch.vocabulary), time.time() - t0,
-             np.mean((z_lstm > 0) == labels), np.mean((z_ngram > 0) == labels), a, b, c)
-    return branch
 
 
 # --- served probabilities -----------------------------------------------------------------------

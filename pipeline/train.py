@@ -53,7 +53,6 @@ from pipeline.export import (
     check_texts,
     check_writable,
     export_model,
-    load_run,
     save_result,
 )
 from pipeline.model import (
@@ -66,6 +65,7 @@ from pipeline.model import (
 )
 from pipeline.pretrain import initial_weights
 from pipeline.report import plot_curves
+from pipeline.run_files import load_run
 from pipeline.runs import (
     BACKUP_DIR,
     BEST_FILE,
@@ -91,7 +91,8 @@ from pipeline.runs import (
     tidy_history,
     write_json,
 )
-from pipeline.scoring import blend_logit, evaluate_rows, fit_ngram_branch, score_texts
+from pipeline.scoring import blend_logit, evaluate_rows, score_texts
+from pipeline.stacking import fit_ngram_branch
 from pipeline.vectorize import (
     adapt_vectorizer,
     batch_ids,

@@ -101,7 +101,7 @@ def worse_model(trained_run):
     it calls every review positive at p = 0.5, so it is right on half the balanced tiny test split."""
     import numpy as np
 
-    from pipeline.export import load_run
+    from pipeline.run_files import load_run
 
     _, result = trained_run
     cfg, vectorizer, model, _ = load_run(result.run_dir)

@@ -78,7 +78,7 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
 @pytest.mark.parametrize("crops", [0, 1])
 def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabilities(
         unsup_dir, tmp_path, monkeypatch, crops):
-    from pipeline.export import load_run
+    from pipeline.run_files import load_run
     from pipeline.scoring import score_texts
 
     cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true",
@@ -241,7 +241,7 @@ def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_pa
 
 @pytest.mark.slow
 def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews(unsup_dir, tmp_path):
-    from pipeline.export import load_run
+    from pipeline.run_files import load_run
     from pipeline.scoring import blend_logit, score_texts
 
     cfg = _cfg(unsup_dir, tmp_path, "distill.teacher=served", "ngrams.enabled=true", "train.epochs=2")
@@ -273,7 +273,7 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
 @pytest.mark.slow  # trains four runs
 def test_a_warm_started_student_begins_at_the_first_runs_weights(unsup_dir, tmp_path, monkeypatch):
     import pipeline.train as spine
-    from pipeline.export import load_run
+    from pipeline.run_files import load_run
     from pipeline.runs import ResumeError
 
     started, fit = {}, spine.fit  # config name -> the model's weights as its fit begins

@@ -26,6 +26,7 @@ from pipeline.export import (
     publish,
     refusal,
 )
+from pipeline.run_files import load_run
 from pipeline.scoring import evaluate_rows
 from pipeline.train import train
 from tests.helpers import tiny_overrides
@@ -395,7 +396,7 @@ def _gate_rows(trained_run, model: str) -> GateRows:
     texts, labels = data_mod.decoded(data_mod.load_raw(cfg.data, cfg.seed).test)
     if model == "worse":
         return GateRows(texts, labels, np.full(len(texts), 0.5), ("neg", "pos"))
-    _, vectorizer, trained, ngram = pipeline.export.load_run(result.run_dir)
+    _, vectorizer, trained, ngram = load_run(result.run_dir)
     _, served = evaluate_rows(vectorizer, trained, texts, labels, cfg.vectorize.max_length, ngram)
     return GateRows(texts, labels, served, ("neg", "pos"))
 
@@ -455,7 +456,7 @@ def _worse_run(trained_run, tmp_path: Path) -> Path:
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["ngrams"]["enabled"] = False
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    _, _, model, _ = pipeline.export.load_run(run)
+    _, _, model, _ = load_run(run)
     model.set_weights([np.zeros_like(w) for w in model.get_weights()])
     model.save_weights(str(run / "model.weights.h5"))
     return run
