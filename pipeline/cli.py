@@ -230,7 +230,7 @@ def _train(args: argparse.Namespace) -> int:
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, _overrides(args) + tuned)
     _import_tensorflow(args)  # after the config: a bad one fails before TensorFlow loads
-    from pipeline.export import gate_line
+    from pipeline.gate import gate_line
     from pipeline.train import train
 
     provenance = None
@@ -274,7 +274,8 @@ def _export(args: argparse.Namespace) -> int:
         raise PipelineError(f"--run {args.run}: not a run directory (no config.yaml); "
                             f"runs are under {cfg.runs_dir}/{cfg.name}/")
     _import_tensorflow(args)
-    from pipeline.export import export_run, gate_line  # not pipeline.train: re-exporting trains nothing
+    from pipeline.export import export_run  # not pipeline.train: re-exporting trains nothing
+    from pipeline.gate import gate_line
     from pipeline.runs import latest_finished_run
 
     try:

@@ -15,6 +15,10 @@ class DataError(PipelineError):
     """Data that cannot be read; the message says what to do (`pipeline.data` and its sources)."""
 
 
+class ExportError(PipelineError):
+    """The export could not be written or did not pass its reload check; nothing was published."""
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key: exit 2."""
 

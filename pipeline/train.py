@@ -48,13 +48,12 @@ from pipeline.distribute import (
 from pipeline.embeddings import write_projector
 from pipeline.export import (
     ExportResult,
-    GateRefused,
-    GateRows,
     check_texts,
     check_writable,
     export_model,
     save_result,
 )
+from pipeline.gate import GateRefused, GateRows
 from pipeline.model import (
     PretrainedSchedule,
     build_model,
