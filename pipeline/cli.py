@@ -412,13 +412,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     _import_tensorflow(args)
-    from pipeline import evaluate  # TensorFlow only: no training code
+    from pipeline import evaluate, evaluate_report  # TensorFlow only: no training code
 
     model = Path(args.model) if args.model else Path(cfg.export.dir) / cfg.name
     result = evaluate.evaluate(model, args.data, cfg.data,
                                Path(args.against) if args.against else None, args.slice_by,
                                args.fit_threshold)
-    folder = evaluate.write(result, Path(args.out))
+    folder = evaluate_report.write(result, Path(args.out))
     m = result["metrics"]
     low, high = m["accuracy"]["interval"]
     speed = result["speed"][0]["reviews_per_second"]
