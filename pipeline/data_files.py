@@ -14,7 +14,7 @@ from collections import Counter
 import numpy as np
 import tensorflow as tf
 
-from pipeline import tables
+from pipeline import table_files, tables
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 
@@ -70,8 +70,8 @@ def splits(cfg: DataConfig, seed: int
     read their rows from the files by position. The training rows are carved class by class
     in a seeded random order: test (without test files) first, then validation.
     """
-    train_paths = tables.expand(cfg.train_files or "", "train_files")
-    test_paths = tables.expand(cfg.test_files, "test_files") if cfg.test_files else None
+    train_paths = table_files.expand(cfg.train_files or "", "train_files")
+    test_paths = table_files.expand(cfg.test_files, "test_files") if cfg.test_files else None
     if cfg.unlabelled_files:  # read in full only by pretraining and the teacher: checked now
         unlabelled_table(cfg)
     table = tables.scan(train_paths, cfg.text_column, cfg.label_column, cfg.skip_bad_rows,
@@ -107,7 +107,7 @@ def splits(cfg: DataConfig, seed: int
 
 def unlabelled_table(cfg: DataConfig) -> tables.Table:
     """data.unlabelled_files, every row checked (empty texts are left out, and counted)."""
-    paths = tables.expand(cfg.unlabelled_files or "", "unlabelled_files")
+    paths = table_files.expand(cfg.unlabelled_files or "", "unlabelled_files")
     return tables.scan(paths, cfg.text_column, None, cfg.skip_bad_rows, "unlabelled_files",
                        empty_text_ok=True)
 
@@ -126,5 +126,5 @@ def identity(cfg: DataConfig) -> dict:
     roles = {"train": cfg.train_files, "test": cfg.test_files, "unlabelled": cfg.unlabelled_files}
     # "split": rows are carved class by class; runs carved the old way are not resumed.
     return {"source": "files", "split": "stratified"} | {
-        role: tables.content_digest(tables.expand(pattern, f"{role}_files"))
+        role: table_files.content_digest(table_files.expand(pattern, f"{role}_files"))
         for role, pattern in roles.items() if pattern}

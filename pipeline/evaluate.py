@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import data as data_mod
-from pipeline import predict, stats, tables
+from pipeline import predict, stats, table_files, tables
 from pipeline.config import DataConfig
 from pipeline.constants import THRESHOLD
 from pipeline.errors import PipelineError
@@ -66,7 +66,7 @@ def file_rows(pattern: str, cfg: DataConfig, slice_by: list[str]) -> Rows:
     """Rows of CSV/TSV/JSONL files: every row checked in one streamed pass first (as training
     checks them), then read again a chunk at a time."""
     try:
-        paths = tables.expand(pattern, _KEY)
+        paths = table_files.expand(pattern, _KEY)
         table = tables.scan(paths, cfg.text_column, cfg.label_column, cfg.skip_bad_rows, _KEY)
         columns = {c: np.asarray(list(tables.read_column(table, c, _SLICE_KEY)), dtype=object)
                    for c in slice_by}
