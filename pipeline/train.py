@@ -174,7 +174,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # Distillation: the teacher's soft targets for the unlabelled reviews join the training
         # split (a trained run needs no training split, so no teacher either).
         teacher = run_teacher(cfg, raw, run, teacher_dir) if cfg.distill.enabled and not trained else None
-        train_raw, train_cfg = student_split(cfg, raw, sizes["train"], teacher)
+        train_raw, train_cfg = training_split(cfg, raw, sizes["train"], teacher)
         train_rows = vectorize_cached(train_raw, vectorizer, cfg.vectorize)
         train_ds = batch_ids(train_rows, cfg.vectorize, train_cfg, global_batch,
                              shuffle_seed=cfg.seed, replicas=replicas)
@@ -277,8 +277,8 @@ def run_teacher(cfg: Config, raw: data_mod.RawSplits, run: Run, teacher_dir: Pat
     return t
 
 
-def student_split(cfg: Config, raw: data_mod.RawSplits, n_train: int,
-                  teacher: distill.Teacher | None) -> tuple[tf.data.Dataset, TrainConfig]:
+def training_split(cfg: Config, raw: data_mod.RawSplits, n_train: int,
+                   teacher: distill.Teacher | None) -> tuple[tf.data.Dataset, TrainConfig]:
     """The split the BiLSTM trains on, and the train settings for it: the training reviews, or
     with a teacher those plus the unlabelled ones, shuffled as one (so every batch mixes both)."""
     if teacher is None:
