@@ -16,12 +16,11 @@ import re
 import shlex
 import signal
 import sys
-import threading
-import warnings
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, PipelineError, record_stop, stop_signal
+from pipeline.errors import ConfigError, PipelineError, stop_signal
+from pipeline.process import handle_stop_signals, restore_signals, setup_logging
 
 log = logging.getLogger("pipeline")
 
@@ -31,15 +30,6 @@ INTERRUPT_HINT = ("interrupted: rerun the same command to resume: training from 
 TUNE_INTERRUPT_HINT = ("interrupted: rerun the same command to resume; finished trials are kept and the "
                        "interrupted one is rerun (--fresh starts over)")
 STDOUT_CLOSED = 141  # 128 + SIGPIPE: what `yes | head -1` leaves for `yes`
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill and docker stop
-
-
-def _on_stop_signal(signum, frame) -> None:
-    # Raised where the program is, so SIGTERM unwinds (temp folders, child processes) as Ctrl-C
-    # does; recorded, because TensorFlow may re-raise the interrupt as another error.
-    record_stop(signum)
-    raise KeyboardInterrupt()
-
 
 def _interrupted(command: str) -> int:
     print(f"\n{TUNE_INTERRUPT_HINT if command == 'tune' else INTERRUPT_HINT}", file=sys.stderr)
@@ -231,15 +221,15 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args) + tuned)
     _import_tensorflow(args)  # after the config: a bad one fails before TensorFlow loads
     from pipeline.gate import gate_line
-    from pipeline.train import train
+    from pipeline.rounds import train_rounds
 
     provenance = None
     if cfg.model.tuned_hparams:  # resolved before training and handed over as data
         from pipeline.tune import apply_tuned
 
         cfg, provenance = apply_tuned(cfg)
-    result = train(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance,
-                   force=args.force)
+    result = train_rounds(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance,
+                          force=args.force)
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0
@@ -293,14 +283,9 @@ def _export(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     _import_tensorflow(args)
-    if cfg.model.embedding_init == "lm":
-        from pipeline.lm import train_lm
+    from pipeline.pretrain import train_word2vec
 
-        print(f"language models: {train_lm(cfg)}")
-    else:
-        from pipeline.pretrain import train_word2vec
-
-        print(f"word2vec vectors: {train_word2vec(cfg)}")
+    print(f"word2vec vectors: {train_word2vec(cfg)}")
     return 0
 
 
@@ -495,22 +480,6 @@ def _flush_stdout() -> bool:
         return False
 
 
-def setup_logging(verbose: bool) -> None:
-    """The pipeline's own INFO lines; libraries' only from WARNING up, unless `verbose`."""
-    if not verbose:
-        # Read once when TensorFlow loads, so it must be set before: hides its C++ start-up
-        # lines (CPU features, CUDA probes, op attributes); failures still raise in Python.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    # gensim (every lifecycle step), tensorflow (multi-worker collectives) and the rest log
-    # at the root's level; ours is always shown.
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    # tfds warns through absl about folders it merely looked into ("Variant folder ... has no
-    # dataset_info.json") while checking for a prepared copy.
-    logging.getLogger("absl").setLevel(logging.NOTSET if verbose else logging.ERROR)
-
-
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return " / ".join(lines) or type(exc).__name__
@@ -520,13 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.verbose = getattr(args, "verbose", False)  # the subcommand's flag, or the global one
     setup_logging(args.verbose)
-    warnings.filterwarnings("ignore", message=".*(ran out of data|shuffle=True. was passed).*")
-    record_stop(None)
-    in_main = threading.current_thread() is threading.main_thread()  # signal.signal's rule
-    # A SIGINT ignored from the start (a background job's child) stays ignored, as Python leaves it.
-    handled = [sig for sig in STOP_SIGNALS
-               if in_main and signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL)]
-    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in handled}
+    previous = handle_stop_signals()
     try:
         code = COMMANDS[args.command](args)
         return code if _flush_stdout() else STDOUT_CLOSED
@@ -543,8 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore_signals(previous)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Every patch of Keras and KerasTuner internals, in one place, each guarded.
 
 The pipeline leans on a few private names of its libraries (a multi-worker fix for
-Keras' `fit`, the backup files of `BackupAndRestore`, KerasTuner's oracle bookkeeping).
+Keras' `fit`, the backup files of `BackupAndRestore`, the loss bookkeeping of Keras' own
+`train_step` that the adversarial step repeats, KerasTuner's oracle bookkeeping).
 A private name can vanish in any release, and a patch that assigns to a vanished name
 silently does nothing, so the original failure comes back unannounced. Each patch here
 first checks the library version it was written for and that every name it touches is
@@ -177,6 +178,43 @@ def check_backup_internals() -> None:
     require_attrs(callback, BACKUP_ATTRS, BACKUP_PATCH)
     require_uses(keras.callbacks.BackupAndRestore, "on_epoch_end", "_save_model", BACKUP_PATCH)
     require_uses(keras.callbacks.BackupAndRestore, "on_train_begin", "_load_model", BACKUP_PATCH)
+
+
+# --- Keras: the adversarial training step --------------------------------------------------------
+
+ADVERSARIAL_PATCH = "SentimentModel.train_step"
+
+
+def check_train_step_internals() -> None:
+    """The private names of Keras' `train_step` that the adversarial step uses as Keras does:
+    the compiled loss, the loss tracker, the unscaling of a distributed loss, and a layer's
+    extra call argument."""
+    require_version("keras", KERAS_VERSIONS, ADVERSARIAL_PATCH)
+    loss_module = _import("keras.src.losses.loss", ADVERSARIAL_PATCH)
+    require_attrs(loss_module, ("unscale_loss_for_distribution",), ADVERSARIAL_PATCH)
+    require_attrs(keras.Model, ("_compute_loss",), ADVERSARIAL_PATCH)
+    require_params(keras.Model._compute_loss, ("x", "y", "y_pred", "sample_weight", "training"),
+                   ADVERSARIAL_PATCH)
+    trainer = _import("keras.src.trainers.trainer", ADVERSARIAL_PATCH)
+    require_uses(trainer.Trainer, "__init__", "_loss_tracker", ADVERSARIAL_PATCH)
+    require_attrs(keras.layers.Layer, ("_register_call_context_args",), ADVERSARIAL_PATCH)
+
+
+def compute_loss(model: keras.Model, x, y, y_pred, sample_weight) -> tf.Tensor:
+    """The compiled loss of a training step, as Keras' `train_step` computes it."""
+    return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+
+def track_loss(model: keras.Model, loss: tf.Tensor, batch_size: tf.Tensor) -> None:
+    """Count a step's loss in the model's `loss` metric, unscaled as Keras' `train_step` does."""
+    from keras.src.losses.loss import unscale_loss_for_distribution
+
+    model._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=batch_size)
+
+
+def add_call_argument(layer: keras.layers.Layer, name: str) -> None:
+    """Let a model's call hand the keyword `name` down to `layer` (as Keras does for `training`)."""
+    layer._register_call_context_args(name)
 
 
 # --- KerasTuner: the resumable grid oracle ------------------------------------------------------

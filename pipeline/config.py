@@ -40,7 +40,7 @@ class DataConfig(_Section):
     # source=files: a path or a glob each, the format from the extension: .csv, .tsv or .jsonl
     train_files: str | None = None  # labelled rows: a path or a glob (.csv .tsv .jsonl, or gzipped: .csv.gz)
     test_files: str | None = None  # labelled rows; None: test_fraction of train_files is held out
-    unlabelled_files: str | None = None  # rows whose text feeds word2vec and the language models
+    unlabelled_files: str | None = None  # rows whose text feeds word2vec and distillation
     text_column: str = "text"  # CSV/TSV header name or JSONL key of the text
     label_column: str = "label"  # header name or JSONL key of the label: two values, strings or integers
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # without test_files, carved before validation
@@ -96,20 +96,12 @@ class ModelConfig(_Section):
     # how the LSTM outputs become one vector; concat: max and mean side by side
     pooling: Literal["last", "mean", "max", "concat"] = "last"
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # drops whole embedding channels
-    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # in training, this fraction of words read as OOV
     dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
     learning_rate: float = Field(1e-3, gt=0.0)  # Adam
-    # > 0: adversarial training; each step also learns from the embedded review pushed along
-    # the loss gradient by this fraction of its norm (a second forward pass: slower, more memory;
-    # docs/experiments/regularizers.md)
-    adversarial_epsilon: float = Field(0.0, ge=0.0, lt=1.0)
-    # word2vec: pretrained here; lm: embedding and LSTM from language models (pipeline/lm.py)
-    embedding_init: Literal["random", "word2vec", "file", "lm"] = "random"
+    # word2vec: pretrained on the unlabelled and training reviews here (pipeline/pretrain.py)
+    embedding_init: Literal["random", "word2vec", "file"] = "random"
     embedding_file: str | None = None  # GloVe/word2vec text file for embedding_init=file
     embedding_trainable: bool = True  # False freezes pretrained vectors
-    # Learning-rate multiplier for the pretrained embedding and LSTM (embedding_init: lm) once
-    # train.freeze_pretrained_epochs are over: < 1 keeps more of what pretraining learned.
-    pretrained_lr_scale: float = Field(1.0, ge=0.0)
     # best_hparams.json from `make tune` (or its folder, or "latest"): its values override these.
     tuned_hparams: str | None = None
 
@@ -117,9 +109,6 @@ class ModelConfig(_Section):
     def _file_init_needs_path(self) -> ModelConfig:
         if self.embedding_init == "file" and not self.embedding_file:
             raise ValueError("embedding_file: required when embedding_init is 'file'")
-        if self.embedding_init == "lm" and self.num_layers != 1:
-            # The language models have one LSTM layer per direction: nothing to start layer 2 from.
-            raise ValueError(f"num_layers: embedding_init 'lm' needs 1 (got {self.num_layers})")
         return self
 
 
@@ -131,14 +120,8 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # picks the best epoch, stops early
     early_stopping_patience: int = Field(2, ge=0)  # epochs without improvement before stopping
-    # Epochs that train only the layers after the pretrained ones, so a random head does not
-    # wreck pretrained weights (language models above all) with its first large gradients.
-    freeze_pretrained_epochs: int = Field(0, ge=0)
     shuffle_buffer: int = Field(25000, gt=0)  # reviews; >= the train split shuffles it fully
     bucket_by_length: bool = True  # batch similar lengths so the LSTM skips padding
-    # Tokens per replica's batch at most: buckets of long reviews get fewer of them, which caps
-    # the peak memory the longest bucket sets; None: batch_size reviews in every bucket
-    max_batch_tokens: int | None = Field(None, gt=0)
     # auto: deterministic ops on CPU (same seed, same metrics), not on GPU, where they cannot
     # make the cuDNN LSTM reproducible and slow the embedding updates (distribute.resolve_deterministic)
     deterministic: bool | Literal["auto"] = "auto"
@@ -204,14 +187,6 @@ class PretrainConfig(_Section):
     epochs: int = Field(5, gt=0)  # passes over the corpus
     workers: int = Field(2, gt=0)  # gensim threads; more than the CPU has cores only adds contention
     directory: str = "pretrained"  # cached vectors, keyed by their settings
-    # Language models (model.embedding_init: lm); sizes come from model.embedding_dim/lstm_units.
-    lm_epochs: int = Field(1, gt=0)  # passes over the unlabelled + training reviews
-    lm_sequence_length: int = Field(64, gt=1)  # tokens per window (backprop through time)
-    lm_batch_size: int = Field(256, gt=0)  # windows per step: larger amortizes the per-step cost on a CPU
-    lm_sampled_softmax: int = Field(512, gt=0)  # negatives per step; a full softmax is vocabulary-wide
-    lm_learning_rate: float = Field(2e-3, gt=0.0)  # Adam, global gradient norm clipped at 1
-    lm_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the embeddings and the LSTM outputs
-    lm_validation_reviews: int = Field(500, ge=0)  # held-out unlabelled reviews for perplexity
 
 
 class NgramsConfig(_Section):
@@ -236,26 +211,16 @@ class DistillConfig(_Section):
     # ngrams: the n-gram regression (ngrams.*) fitted on train, seconds; served: the served model
     # of a first run of this config taught by ngrams (runs/<name>-teacher/): one more training
     teacher: Literal["ngrams", "served"] = "ngrams"
-    weight: float = Field(1.0, gt=0.0)  # loss weight of an unlabelled review against a labelled one
-    temperature: float = Field(1.0, gt=0.0)  # teacher logit / T: > 1 softens its targets
     max_unlabelled: int | None = Field(None, gt=0)  # unlabelled reviews used; None = all
-    # short spans (one or two sentences) cut from each unlabelled review, labelled by the teacher
-    # as it reads them: served texts are often that short, and IMDB reviews are not
-    crops: int = Field(0, ge=0)
-    # served only: the student starts from the first run's trained weights instead of word2vec,
-    # so its epochs add to the first run's rather than starting over
-    warm_start: bool = False
-    # served only: the first run's BiLSTM units (None: model.lstm_units). A smaller first run
-    # labels the reviews about as well, so a larger student costs one round's extra time, not two
-    teacher_lstm_units: int | None = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _first_run_settings_need_a_first_run(self) -> DistillConfig:
-        for key, value in (("warm_start", self.warm_start), ("teacher_lstm_units", self.teacher_lstm_units)):
-            if value and self.teacher != "served":
-                raise ValueError(f"{key} needs teacher 'served': the n-gram teacher has no first "
-                                 "run's BiLSTM")
-        return self
+
+class ExperimentalConfig(_Section):
+    # Levers measured without a win on this default (docs/experiments/), kept because they may
+    # pay where the default's budget does not bind: off unless set, and may change or go.
+    # > 0: adversarial training; each step also learns from the embedded review pushed along
+    # the loss gradient by this fraction of its norm: a second forward pass, slower and more
+    # memory; it helped the BiLSTM without distillation, not beside it (docs/experiments/regularizers.md)
+    adversarial_epsilon: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class Config(_Section):
@@ -272,6 +237,7 @@ class Config(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     ngrams: NgramsConfig = NgramsConfig()
     distill: DistillConfig = DistillConfig()
+    experimental: ExperimentalConfig = ExperimentalConfig()
 
     @model_validator(mode="after")
     def _one_strategy_per_process(self) -> Config:
@@ -280,10 +246,6 @@ class Config(_Section):
             # The teacher's run would set up a second multi-worker strategy in the same process.
             raise ValueError("distill: teacher 'served' cannot train under distribute.strategy "
                              "multi_worker (a second strategy in one process): use teacher 'ngrams'")
-        units = self.distill.teacher_lstm_units
-        if self.distill.warm_start and units not in (None, self.model.lstm_units):
-            raise ValueError(f"distill.warm_start needs the first run's BiLSTM of the student's size: "
-                             f"teacher_lstm_units {units} != model.lstm_units {self.model.lstm_units}")
         return self
 
     @field_validator("name")

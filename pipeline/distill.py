@@ -5,9 +5,10 @@ training reviews only, or (`served`) the served model of a first run of the same
 taught by that regression: two rounds, the student of the first becoming part of the
 teacher of the second. It scores the unlabelled reviews (tfds `unsupervised`, or aclImdb `train/unsup`),
 and the BiLSTM (the student) trains on the gold labels plus those soft probabilities:
-binary cross-entropy on soft targets, each unlabelled review weighed `distill.weight`
-against a labelled one. The student so sees three times the reviews, labelled by a model
-that reads them differently (every phrase at once rather than in order).
+binary cross-entropy on soft targets, an unlabelled review counting as much as a labelled
+one. The student so sees three times the reviews, labelled by a model that reads them
+differently (every phrase at once rather than in order). The two rounds are arranged by
+`pipeline.rounds`; here are the teachers and the student's training split.
 
 Validation and test text never reach the teacher's fit or the student's training: the
 teacher's models are fitted on `train` alone (a `served` teacher's three blend weights on
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,46 +49,32 @@ class Teacher:
     """The fitted teacher and its probabilities for the unlabelled reviews, in their order."""
 
     branch: ngrams.NgramModel | None  # the n-gram regression fitted on train (None: a run without one)
-    texts: list[str]
-    probabilities: np.ndarray  # float32 [len(texts)], P(positive) after the temperature
+    texts: list[str]  # the unlabelled reviews
+    probabilities: np.ndarray  # float32 [len(texts)], P(positive)
     cached: bool  # True: read from the cache, nothing was fitted or scored
-    crops: int = 0  # the last `crops` texts are spans of the reviews before them (`distill.crops`)
-
-    @property
-    def reviews(self) -> list[str]:
-        """The whole unlabelled reviews, without their crops."""
-        return self.texts[:len(self.texts) - self.crops]
 
 
-def first_round(cfg: Config) -> Config:
+def teacher_config(cfg: Config) -> Config:
     """The config of a `served` teacher's run: this one under `<name>-teacher`, taught by the
     n-gram regression. Its served model (BiLSTM + n-gram blend) then teaches this run.
 
-    The first round trains without adversarial training: it only labels the unlabelled reviews,
-    and the extra time per epoch adversarial training costs belongs to the model that is served. Its
-    n-gram branch is fitted without them (no `ngrams.cotrain`): a teacher whose branch had
-    learned the very reviews it labels would hand back its own BiLSTM's labels. It starts
-    from word2vec as usual (no `distill.warm_start`): it is the run a warm start starts from.
-    Its BiLSTM has `distill.teacher_lstm_units` when set.
+    The teacher trains without the experimental levers: it only labels the unlabelled reviews,
+    and what they cost belongs to the model that is served. Its n-gram branch is fitted
+    without them (no `ngrams.cotrain`): a teacher whose branch had learned the very reviews it
+    labels would hand back its own BiLSTM's labels.
     """
-    units = cfg.distill.teacher_lstm_units or cfg.model.lstm_units
     return cfg.model_copy(update={"name": f"{cfg.name}-teacher",
-                                  "model": cfg.model.model_copy(update={"adversarial_epsilon": 0.0,
-                                                                        "lstm_units": units}),
+                                  "experimental": type(cfg.experimental)(),
                                   "ngrams": cfg.ngrams.model_copy(update={"cotrain": False}),
-                                  "distill": cfg.distill.model_copy(update={
-                                      "teacher": "ngrams", "warm_start": False,
-                                      "teacher_lstm_units": None})})
+                                  "distill": cfg.distill.model_copy(update={"teacher": "ngrams"})})
 
 
 def cache_stem(cfg: Config) -> Path:
     """Where this config's teacher lives: the same data, n-gram settings and seed, the same files."""
     key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "download", "data_dir"})),
-           # cotrain: the teacher's regression never fits the unlabelled reviews (`first_round`)
+           # cotrain: the teacher's regression never fits the unlabelled reviews (`teacher_config`)
            "ngrams": cfg.ngrams.model_dump(exclude={"enabled", "cotrain"}), "seed": cfg.seed,
            "max_unlabelled": cfg.distill.max_unlabelled, "teacher": cfg.distill.teacher}
-    if cfg.distill.crops:  # only when set, so the caches written before the key existed still match
-        key["crops"] = cfg.distill.crops
     if cfg.data.source == "files":  # files are edited in place: their contents name the teacher
         key["data_identity"] = data_mod.data_identity(cfg.data)
     return Path(cfg.pretrain.directory) / f"teacher-{cfg.distill.teacher}-{fingerprint(key)}"
@@ -114,41 +100,6 @@ def unlabelled_reviews(cfg: Config) -> list[str]:
     return texts
 
 
-def unlabelled_texts(cfg: Config) -> tuple[list[str], int]:
-    """What a teacher labels: the unlabelled reviews, then `distill.crops` short spans of each
-    (`sentence_crops`); and how many of them are crops."""
-    reviews = unlabelled_reviews(cfg)
-    crops = sentence_crops(reviews, cfg.distill.crops, cfg.seed)
-    return reviews + crops, len(crops)
-
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|<br\s*/?>")
-
-
-def sentence_crops(texts: list[str], per_text: int, seed: int) -> list[str]:
-    """`per_text` spans of each text, each one or two consecutive sentences from a random place
-    (5 to 30 words where a text has a single sentence), in a fixed order for a seed.
-
-    A model trained on whole reviews reads one sentence through features pooled over hundreds
-    of words; its teacher's label of the span itself shows it what a short text says.
-    """
-    rng = np.random.default_rng(seed)
-    crops = []
-    for text in texts:
-        sentences = [s for s in (part.strip() for part in _SENTENCE_BREAK.split(text)) if s]
-        words = text.split()
-        for _ in range(per_text if words else 0):
-            if len(sentences) > 1:
-                k = int(rng.integers(1, 3))
-                start = int(rng.integers(0, len(sentences) - k + 1))
-                crops.append(" ".join(sentences[start:start + k]))
-            else:
-                n = int(rng.integers(5, 31))
-                start = int(rng.integers(0, max(1, len(words) - n + 1)))
-                crops.append(" ".join(words[start:start + n]))
-    return crops
-
-
 def no_unlabelled_reviews() -> data_mod.DataError:
     return data_mod.DataError(
         "distill.enabled and ngrams.cotrain need unlabelled reviews, and the data source has none "
@@ -164,15 +115,15 @@ def check_unlabelled(cfg: Config) -> None:
         raise no_unlabelled_reviews()
 
 
-def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """P(positive) = sigmoid(logit / T): T > 1 softens the teacher, T < 1 sharpens it."""
-    return (1.0 / (1.0 + np.exp(-logits / temperature))).astype(np.float32)
+def soft_targets(logits: np.ndarray) -> np.ndarray:
+    """P(positive) = sigmoid(logit), the teacher's own probability."""
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
-def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
-    """The cached teacher of this config, or one fitted on `train` and scored on the unlabelled
-    reviews (then cached). `train` must be the training split alone."""
-    texts, crops = unlabelled_texts(cfg)
+def ngram_teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
+    """The cached n-gram teacher of this config, or one fitted on `train` and scored on the
+    unlabelled reviews (then cached). `train` must be the training split alone."""
+    texts = unlabelled_reviews(cfg)
     digest = texts_digest(texts)
     stem = cache_stem(cfg)
     branch_path, scores_path = stem.with_suffix(".npz"), stem.with_suffix(".scores.npz")
@@ -181,8 +132,7 @@ def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
             if str(z["digest"]) == digest:
                 log.info("distill: teacher and its scores of %d unlabelled reviews cached at %s",
                          len(texts), scores_path)
-                return Teacher(ngrams.load(branch_path), texts,
-                               soft_targets(z["logits"], cfg.distill.temperature), True, crops)
+                return Teacher(ngrams.load(branch_path), texts, soft_targets(z["logits"]), True)
         log.info("distill: the unlabelled reviews changed since %s was written; scoring again",
                  scores_path)
     t0 = time.time()
@@ -193,17 +143,16 @@ def teacher(cfg: Config, train: tuple[list[str], np.ndarray]) -> Teacher:
     stem.parent.mkdir(parents=True, exist_ok=True)
     ngrams.save(branch, branch_path)
     _save_scores(scores_path, logits, digest)
-    probabilities = soft_targets(logits, cfg.distill.temperature)
+    probabilities = soft_targets(logits)
     log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
              time.time() - t0, 100 * confident_share(probabilities), scores_path)
-    return Teacher(branch, texts, probabilities, False, crops)
+    return Teacher(branch, texts, probabilities, False)
 
 
 def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | None,
-                   logits_of: Callable[[list[str]], np.ndarray], temperature: float,
-                   crops: int = 0) -> Teacher:
-    """A finished run's served model as the teacher: its logits of `texts` (`logits_of`),
-    cached in that run's folder beside what they were computed from."""
+                   logits_of: Callable[[list[str]], np.ndarray] | None = None) -> Teacher:
+    """A finished run's served model as the teacher: its logits of `texts`, cached in that
+    run's folder beside what they were computed from, or computed now by `logits_of`."""
     path = run_dir / SERVED_SCORES_FILE
     digest = texts_digest(texts)
     if path.is_file():
@@ -211,15 +160,19 @@ def served_teacher(run_dir: Path, texts: list[str], branch: ngrams.NgramModel | 
             if str(z["digest"]) == digest:
                 log.info("distill: the teacher run's scores of %d unlabelled reviews cached at %s",
                          len(texts), path)
-                return Teacher(branch, texts, soft_targets(z["logits"], temperature), True, crops)
+                return Teacher(branch, texts, soft_targets(z["logits"]), True)
+    if logits_of is None:
+        raise data_mod.DataError(f"the teacher run {run_dir} has no scores of these unlabelled "
+                                 "reviews: train through pipeline.rounds.train_rounds (make train), "
+                                 "which scores them in the teacher's round")
     t0 = time.time()
     log.info("distill: the served model of %s scores %d unlabelled reviews", run_dir, len(texts))
     logits = logits_of(texts).astype(np.float32)
     _save_scores(path, logits, digest)
-    probabilities = soft_targets(logits, temperature)
+    probabilities = soft_targets(logits)
     log.info("distill: teacher ready in %.0fs; %.0f%% of its scores are above 0.9 or below 0.1 -> %s",
              time.time() - t0, 100 * confident_share(probabilities), path)
-    return Teacher(branch, texts, probabilities, False, crops)
+    return Teacher(branch, texts, probabilities, False)
 
 
 def _save_scores(path: Path, logits: np.ndarray, digest: str) -> None:
@@ -233,11 +186,10 @@ def confident_share(probabilities: np.ndarray) -> float:
     return float(np.mean((probabilities > 0.9) | (probabilities < 0.1)))
 
 
-def student_split(raw_train: tf.data.Dataset, t: Teacher, weight: float) -> tf.data.Dataset:
-    """(text, target, sample weight) rows: the gold training reviews (target 0/1, weight 1), then
-    the unlabelled ones (target: the teacher's probability, weight `weight`)."""
-    gold = raw_train.map(lambda text, y: (text, tf.cast(y, tf.float32), tf.constant(1.0)))
+def student_split(raw_train: tf.data.Dataset, t: Teacher) -> tf.data.Dataset:
+    """(text, target) rows: the gold training reviews (target 0/1), then the unlabelled ones
+    (target: the teacher's probability)."""
+    gold = raw_train.map(lambda text, y: (text, tf.cast(y, tf.float32)))
     soft = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(t.texts, tf.string), tf.constant(t.probabilities, tf.float32),
-         tf.fill([len(t.texts)], tf.constant(weight, tf.float32))))
+        (tf.constant(t.texts, tf.string), tf.constant(t.probabilities, tf.float32)))
     return gold.concatenate(soft)

@@ -18,10 +18,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution  # as Keras' own train_step
 
-from pipeline.config import ModelConfig
-from pipeline.vectorize import OOV, PAD
+from pipeline import compat
+from pipeline.config import ExperimentalConfig, ModelConfig
+from pipeline.vectorize import PAD
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +34,19 @@ def build_model(
     num_layers: int = 1,
     pooling: str = "last",
     embedding_dropout: float = 0.0,
-    word_dropout: float = 0.0,
     dropout: float = 0.3,
     learning_rate: float = 1e-3,
     embedding_matrix: np.ndarray | None = None,
     embedding_trainable: bool = True,
-    lstm_weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
-    pretrained_lr_scale: float = 1.0,
     decay_steps: int | None = None,
     adversarial_epsilon: float = 0.0,
     use_cudnn: bool | str = "auto",
 ) -> keras.Model:
     """Build and compile the model on right-padded int64 token ids of any length.
 
-    `lstm_weights` (forward, backward) start the first LSTM layer from language models.
-    The pretrained layers (the embedding when `embedding_matrix` is given, that LSTM
-    layer when `lstm_weights` are) learn at `pretrained_lr_scale` x the rate (`LayerwiseAdam`).
     `decay_steps` set: the rate follows a cosine from `learning_rate` down to 5% of it over that
     many steps (then stays there), counted by the optimizer, so a resumed run continues it.
     `adversarial_epsilon` > 0 adds adversarial training (`SentimentModel.train_step`).
-    `word_dropout` > 0 reads that fraction of a training review's words as unknown (`WordDropout`).
     `use_cudnn=False` gives a graph that runs anywhere; the export uses it so a
     model trained on a GPU still serves on a CPU-only host.
     """
@@ -65,13 +58,13 @@ def build_model(
         initializer = keras.initializers.Constant(embedding_matrix)
 
     token_ids = keras.Input(shape=(None,), dtype="int64", name="token_ids")
-    x = WordDropout(word_dropout, name="word_dropout")(token_ids) if word_dropout else token_ids
     x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True,
                                embeddings_initializer=initializer,
-                               trainable=embedding_trainable, name="embedding")(x)
+                               trainable=embedding_trainable, name="embedding")(token_ids)
     if embedding_dropout:
         x = keras.layers.SpatialDropout1D(embedding_dropout, name="embedding_dropout")(x)
     if adversarial_epsilon:
+        compat.check_train_step_internals()
         x = Perturbation(name="perturbation")(x)
     for i in range(num_layers):
         sequences = i < num_layers - 1 or pooling != "last"
@@ -93,22 +86,10 @@ def build_model(
                                      name="probability")(x)
     model = SentimentModel(token_ids, probability, adversarial_epsilon=adversarial_epsilon,
                            name="sentiment_lstm")
-    pretrained = ("embedding",) if embedding_matrix is not None else ()
-    if lstm_weights is not None:
-        first = model.get_layer("bilstm_0" if bidirectional else "lstm_0")
-        forward, backward = lstm_weights
-        if bidirectional:
-            first.forward_layer.set_weights(forward)
-            first.backward_layer.set_weights(backward)
-        else:
-            first.set_weights(forward)
-        pretrained += (first.name,)
     model.compile(
-        optimizer=LayerwiseAdam(learning_rate=learning_rate if decay_steps is None else
-                                keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps,
-                                                                       alpha=0.05),
-                                pretrained=pretrained,
-                                pretrained_scale=pretrained_lr_scale),
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate if decay_steps is None else
+                                        keras.optimizers.schedules.CosineDecay(
+                                            learning_rate, decay_steps, alpha=0.05)),
         loss="binary_crossentropy",
         # Against rounded targets: a distilled training split's soft targets count as the
         # teacher's label (a 0/1 target is unchanged), so the training curves stay readable.
@@ -151,15 +132,12 @@ class SentimentModel(keras.Model):
             with tf.GradientTape() as probe:
                 probe.watch(zero)
                 y_pred = self(x, training=True, perturbation=zero)
-                loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                          training=True)
+                loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
             r = adversarial_perturbation(probe.gradient(loss, zero), embedding(x),
                                          tf.not_equal(x, PAD), self.adversarial_epsilon)
             y_adv = self(x, training=True, perturbation=r)
-            loss += self._compute_loss(x=x, y=y, y_pred=y_adv, sample_weight=sample_weight,
-                                       training=True)
-            self._loss_tracker.update_state(unscale_loss_for_distribution(loss),
-                                            sample_weight=tf.shape(x)[0])
+            loss += compat.compute_loss(self, x, y, y_adv, sample_weight)
+            compat.track_loss(self, loss, tf.shape(x)[0])
             loss = self.optimizer.scale_loss(loss)
         weights = self.trainable_weights
         self.optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=True))
@@ -196,72 +174,12 @@ class Perturbation(keras.layers.Layer):
         super().__init__(**kwargs)
         self.supports_masking = True
         # The model's call hands `perturbation=` down to this layer.
-        self._register_call_context_args("perturbation")
+        compat.add_call_argument(self, "perturbation")
 
     def call(self, inputs, perturbation=None):
         if perturbation is None:
             return inputs
         return inputs + keras.ops.cast(perturbation, inputs.dtype)
-
-
-@keras.saving.register_keras_serializable(package="pipeline")
-class WordDropout(keras.layers.Layer):
-    """In training, each real token becomes the unknown word (OOV) with probability `rate`.
-
-    The model then cannot lean on a few telling words and has to read the rest of the review
-    (Iyyer et al. 2015 drop words from an average; here they stay as OOV so positions, the
-    padding mask and cuDNN's right padding are unchanged, and no review becomes empty).
-    """
-
-    def __init__(self, rate: float, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.rate, self.seed = rate, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs, training=False):
-        if not training or not self.rate:
-            return inputs
-        drop = keras.random.uniform(keras.ops.shape(inputs), seed=self.seed_generator) < self.rate
-        drop = keras.ops.logical_and(drop, keras.ops.not_equal(inputs, PAD))
-        return keras.ops.where(drop, keras.ops.cast(OOV, inputs.dtype), inputs)
-
-    def get_config(self):
-        return super().get_config() | {"rate": self.rate, "seed": self.seed}
-
-
-@keras.saving.register_keras_serializable(package="pipeline")
-class LayerwiseAdam(keras.optimizers.Adam):
-    """Adam whose steps for the pretrained layers are scaled (ULMFiT's discriminative rates).
-
-    `pretrained_scale` multiplies the learning rate of every variable of the layers named
-    in `pretrained`: 0 freezes them while a new head learns to read them, a value below 1
-    fine-tunes them gently, so what pretraining learned is adjusted rather than overwritten.
-    A callback (`PretrainedSchedule`) sets it per epoch. With no pretrained layers this
-    is plain Adam.
-    """
-
-    def __init__(self, pretrained: tuple[str, ...] = (), pretrained_scale: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.pretrained = tuple(pretrained)
-        self.pretrained_scale = keras.Variable(pretrained_scale, trainable=False, dtype="float32",
-                                               name="pretrained_scale")
-
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        # By index, as Adam finds its own slots: update_step may get the backend's variable.
-        self._pretrained_index = {i for i, v in enumerate(variables)
-                                  if v.path.split("/")[0] in self.pretrained}
-
-    def update_step(self, gradient, variable, learning_rate):
-        if self._get_variable_index(variable) in self._pretrained_index:
-            learning_rate = learning_rate * keras.ops.cast(self.pretrained_scale, learning_rate.dtype)
-        super().update_step(gradient, variable, learning_rate)
-
-    def get_config(self):
-        return super().get_config() | {"pretrained": list(self.pretrained),
-                                       "pretrained_scale": float(self.pretrained_scale.numpy())}
 
 
 class HardTargets(keras.metrics.Metric):
@@ -280,20 +198,6 @@ class HardTargets(keras.metrics.Metric):
 
     def reset_state(self):
         self.metric.reset_state()
-
-
-class PretrainedSchedule(keras.callbacks.Callback):
-    """Freezes the pretrained layers for the first `freeze_epochs`, then scales their rate.
-
-    Set from the epoch number alone, so a resumed run gets the same schedule.
-    """
-
-    def __init__(self, freeze_epochs: int, scale: float):
-        super().__init__()
-        self.freeze_epochs, self.scale = freeze_epochs, scale
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.pretrained_scale.assign(0.0 if epoch < self.freeze_epochs else self.scale)
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
@@ -334,8 +238,8 @@ def logit_fn(model: keras.Model) -> Callable:
     return logit
 
 
-def model_kwargs(cfg: ModelConfig) -> dict:
-    """The builder's keyword arguments taken from the model config section."""
+def model_kwargs(cfg: ModelConfig, experimental: ExperimentalConfig | None = None) -> dict:
+    """The builder's keyword arguments taken from the model (and experimental) config sections."""
     return dict(
         embedding_dim=cfg.embedding_dim,
         lstm_units=cfg.lstm_units,
@@ -343,12 +247,10 @@ def model_kwargs(cfg: ModelConfig) -> dict:
         num_layers=cfg.num_layers,
         pooling=cfg.pooling,
         embedding_dropout=cfg.embedding_dropout,
-        word_dropout=cfg.word_dropout,
         dropout=cfg.dropout,
         learning_rate=cfg.learning_rate,
         embedding_trainable=cfg.embedding_trainable,
-        pretrained_lr_scale=cfg.pretrained_lr_scale,
-        adversarial_epsilon=cfg.adversarial_epsilon,
+        adversarial_epsilon=experimental.adversarial_epsilon if experimental else 0.0,
     )
 
 

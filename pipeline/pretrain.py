@@ -21,7 +21,6 @@ from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.embeddings import reduce_dim
 from pipeline.errors import ConfigError
-from pipeline.lm import load_lm, train_lm
 from pipeline.runs import data_key, fingerprint
 from pipeline.vectorize import standardize
 
@@ -37,7 +36,7 @@ def cache_path(cfg: Config) -> Path:
     key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "download"})),
            "size": _vector_size(cfg),
            "pretrain": {k: v for k, v in cfg.pretrain.model_dump().items()
-                        if k not in ("directory", "vector_size") and not k.startswith("lm_")},
+                        if k not in ("directory", "vector_size")},
            "seed": cfg.seed, "tokenizer": 1}
     if cfg.data.source == "files":  # files are edited in place: their contents name the vectors
         key["data_identity"] = data_mod.data_identity(cfg.data)
@@ -160,12 +159,6 @@ def initial_weights(cfg: Config, vocabulary: list[str]) -> dict:
     init = cfg.model.embedding_init
     if init == "random":
         return {}
-    if init == "lm":
-        lm, _ = load_lm(train_lm(cfg))
-        lookup = dict(zip(lm.vocabulary, lm.embedding, strict=True))
-        return {"embedding_matrix": vocabulary_matrix(lookup, vocabulary, cfg.model.embedding_dim,
-                                                      cfg.seed, "the language models"),
-                "lstm_weights": (lm.forward, lm.backward)}
     return {"embedding_matrix": embedding_matrix(cfg, vocabulary)}
 
 

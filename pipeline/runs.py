@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 from pipeline import atomic
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config
 from pipeline.errors import PipelineError, stop_signal
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,9 @@ RESUMABLE = ("running", "trained")
 NOT_IN_FINGERPRINT = ("runs_dir", "export", "tune", "train.verbose", "pretrain.workers",
                       "pretrain.directory", "model.tuned_hparams", "data.data_dir", "data.directory",
                       "data.download", "data.train_files", "data.test_files", "data.unlabelled_files")
-# Data keys added after runs, caches and searches existed: each counts only once set away from
-# its default, so a config that leaves them alone keeps the fingerprints and cache names it had.
-LATER_DATA_KEYS = ("text_key", "label_key", "train_split", "test_split", "train_files", "test_files",
-                   "unlabelled_files", "text_column", "label_column", "test_fraction", "skip_bad_rows",
-                   "labels")
-# The same for keys of other sections (section.key), counted only once set away from their default.
-LATER_KEYS = ("model.adversarial_epsilon", "model.word_dropout", "train.max_batch_tokens",
-              "ngrams.cotrain", "distill.warm_start", "distill.crops",
-              "distill.teacher_lstm_units")
+# Bumped when what a fingerprint means changes, so that no run, cache or search of the old
+# meaning is resumed or reused as if it were of the new one.
+FINGERPRINT_VERSION = 2
 
 
 class RunBusyError(PipelineError):
@@ -102,19 +96,17 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def fingerprint(obj: dict) -> str:
-    """Short stable hash of a JSON-able dict (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+    """Short stable hash of a JSON-able dict (key order does not matter) and FINGERPRINT_VERSION."""
+    versioned = {"fingerprint_version": FINGERPRINT_VERSION, "key": obj}
+    return hashlib.sha256(json.dumps(versioned, sort_keys=True).encode()).hexdigest()[:10]
 
 
 FILES_KEYS = ("train_files", "test_files", "unlabelled_files")  # paths: their data identity counts
 
 
 def data_key(data: dict) -> dict:
-    """A dumped DataConfig as fingerprints and cache names key it: without the files' paths,
-    and without LATER_DATA_KEYS while they hold their default."""
-    defaults = DataConfig().model_dump(mode="json")
-    return {k: v for k, v in data.items()
-            if k not in FILES_KEYS and (k not in LATER_DATA_KEYS or v != defaults[k])}
+    """A dumped DataConfig as fingerprints and cache names key it: without the files' paths."""
+    return {k: v for k, v in data.items() if k not in FILES_KEYS}
 
 
 def run_fingerprint(cfg: Config, data_identity: dict) -> str:
@@ -123,11 +115,6 @@ def run_fingerprint(cfg: Config, data_identity: dict) -> str:
     for key in NOT_IN_FINGERPRINT:
         section, _, name = key.rpartition(".")
         (d[section] if section else d).pop(name)
-    defaults = Config().to_dict()
-    for key in LATER_KEYS:
-        section, name = key.split(".")
-        if d[section][name] == defaults[section][name]:
-            d[section].pop(name)
     d["data"] = data_key(d["data"])
     return fingerprint(d | {"data_identity": data_identity})
 

@@ -1,5 +1,5 @@
 """The training spine: data -> vectorize (+ distillation's soft targets) -> model -> fit ->
-n-gram branch -> evaluate -> export.
+n-gram branch -> evaluate -> export, for one model.
 
 `train(cfg)` reads top to bottom in that order, each step a call into its module: scoring,
 the blend and the metrics live in `pipeline.scoring`, the export in `pipeline.export`, the
@@ -10,8 +10,10 @@ and export record.
 
 A rerun of the same config resumes its newest unfinished run (unless `fresh=True`):
 from the last completed epoch while it was training, at the evaluation and export once
-training had finished. Tuned hyperparameters arrive already applied to `cfg`
-(`pipeline.tune.apply_tuned`, called by the CLI); `provenance` records where they came from.
+training had finished; which of the two is decided once, when the run opens. Tuned
+hyperparameters arrive already applied to `cfg` (`pipeline.tune.apply_tuned`, called by the
+CLI); `provenance` records where they came from. Distillation's `served` teacher is a run
+of its own, trained before this one by `pipeline.rounds`, which hands its folder in.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ from pipeline.export import (
 )
 from pipeline.gate import GateRefused, GateRows
 from pipeline.model import (
-    PretrainedSchedule,
     build_model,
     fit_verbosity,
     load_weights,
@@ -64,7 +65,6 @@ from pipeline.model import (
 )
 from pipeline.pretrain import initial_weights
 from pipeline.report import plot_curves
-from pipeline.run_files import load_run
 from pipeline.runs import (
     BACKUP_DIR,
     BEST_FILE,
@@ -78,11 +78,9 @@ from pipeline.runs import (
     VOCAB_FILE,
     WEIGHTS_FILE,
     ResumableEarlyStopping,
-    ResumeError,
     Run,
     SeedStateBackup,
     best_so_far,
-    finished_run,
     open_run,
     open_worker_run,
     restored_epoch,
@@ -90,7 +88,7 @@ from pipeline.runs import (
     tidy_history,
     write_json,
 )
-from pipeline.scoring import blend_logit, evaluate_rows, score_texts
+from pipeline.scoring import evaluate_rows
 from pipeline.stacking import fit_ngram_branch
 from pipeline.vectorize import (
     adapt_vectorizer,
@@ -115,21 +113,25 @@ class RunResult:
 
 
 def train(cfg: Config, fresh: bool = False, export: bool = True,
-          provenance: dict | None = None, force: bool = False) -> RunResult:
-    """Run the whole pipeline for one config; returns the run dir, test metrics and export.
+          provenance: dict | None = None, force: bool = False,
+          teacher_dir: Path | None = None) -> RunResult:
+    """Train, evaluate and export one model for `cfg`; returns the run dir, test metrics and export.
 
     `provenance`: where tuned hyperparameters came from (`tune.apply_tuned`'s second value);
     required when `cfg.model.tuned_hparams` is set, recorded in run.json. `force`: publish even
     what the release gate refuses. A refused export still finishes the run (its metrics and
-    export.json kept) and then raises `GateRefused`.
+    export.json kept) and then raises `GateRefused`. `teacher_dir`: the finished teacher run
+    whose served model labels the unlabelled reviews (`distill.teacher: served`), its scores
+    cached in it (`pipeline.rounds.teacher_round`).
     """
     if cfg.model.tuned_hparams and provenance is None:
         raise ValueError("cfg.model.tuned_hparams is set: resolve it with pipeline.tune.apply_tuned "
                          "first and pass its provenance")
+    served = cfg.distill.enabled and cfg.distill.teacher == "served"
+    if served != (teacher_dir is not None):
+        raise ValueError("distill.teacher 'served' needs the teacher run's folder, and only it: "
+                         "train through pipeline.rounds.train_rounds")
     t0 = time.time()
-    # A `served` teacher is a finished run of its own: found, resumed or trained first.
-    teacher_dir = (first_round(cfg, provenance)
-                   if cfg.distill.enabled and cfg.distill.teacher == "served" else None)
     strategy = make_strategy(cfg.distribute)  # first: multi-worker must set up before any TF op
     seed_everything(cfg)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -152,6 +154,9 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     with run:
         log.info("%s %s in %s", "resuming" if run.resumed else "new",
                  "run" if chief else f"{task_name()} scratch dir", run.dir)
+        # The resume plan, decided once: a run that finished training in an earlier session
+        # goes straight to its evaluation, so it needs no teacher, start or schedule.
+        trained = training_finished(run, strategy)
         save_config(cfg, run.dir / CONFIG_FILE)
         run.update(hyperparameters_from=provenance or {"source": "config"}, data_sizes=sizes,
                    labels=list(raw.labels),  # [label 0, label 1 (positive)]: export and predict name them
@@ -168,9 +173,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         global_batch = cfg.train.batch_size * replicas
         # Distillation: the teacher's soft targets for the unlabelled reviews join the training
         # split (a trained run needs no training split, so no teacher either).
-        teacher = (run_teacher(cfg, raw, run, teacher_dir)
-                   if cfg.distill.enabled and run.status != "trained" else None)
-        train_raw, train_cfg = student_split(cfg, raw, sizes["train"], teacher)
+        teacher = run_teacher(cfg, raw, run, teacher_dir) if cfg.distill.enabled and not trained else None
+        train_raw, train_cfg = training_split(cfg, raw, sizes["train"], teacher)
         train_rows = vectorize_cached(train_raw, vectorizer, cfg.vectorize)
         train_ds = batch_ids(train_rows, cfg.vectorize, train_cfg, global_batch,
                              shuffle_seed=cfg.seed, replicas=replicas)
@@ -180,27 +184,24 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
 
         # Model: only construction and compile belong in the strategy's scope.
         lr = cfg.model.learning_rate * (replicas if cfg.train.lr_scaling == "linear" else 1)
-        # word2vec, a vectors file or language models; a trained run's saved weights replace
-        # any start, so it needs none (nor the minutes of pretraining a missing cache would cost).
-        # distill.warm_start: the first run's trained weights replace any start as well.
-        warm = teacher_dir is not None and cfg.distill.warm_start and run.status != "trained"
-        pretrained = {} if run.status == "trained" or warm else initial_weights(cfg, vocabulary)
+        # word2vec or a vectors file; a trained run's saved weights replace any start, so it
+        # needs none (nor the minutes of pretraining a missing cache would cost).
+        pretrained = {} if trained else initial_weights(cfg, vocabulary)
         # A cosine schedule spans every step of train.epochs, the batches counted per bucket.
-        decay_steps = (steps_per_epoch(train_rows, cfg.vectorize, train_cfg, global_batch, replicas)
+        decay_steps = (steps_per_epoch(train_rows, cfg.vectorize, train_cfg, global_batch)
                        * cfg.train.epochs
-                       if cfg.train.lr_schedule == "cosine" and run.status != "trained" else None)
+                       if cfg.train.lr_schedule == "cosine" and not trained else None)
         with strategy.scope():
-            model = build_model(len(vocabulary), **(model_kwargs(cfg.model) | {"learning_rate": lr}),
+            model = build_model(len(vocabulary),
+                                **(model_kwargs(cfg.model, cfg.experimental) | {"learning_rate": lr}),
                                 decay_steps=decay_steps, **pretrained)
-            if warm:  # a resumed run's backup then replaces these weights as it would any start
-                start_from_teacher(model, teacher_dir, run.dir)
         fix_keras_multi_worker(model, strategy)  # a no-op unless multi-worker
         run.update(global_batch=global_batch, learning_rate=lr, decay_steps=decay_steps,
                    trainable_params=trainable_params(model))
 
         # Fit, unless an earlier session of this run got through it.
         t_fit = time.time()
-        if training_finished(run, strategy):
+        if trained:
             log.info("training finished in an earlier session; resuming at the evaluation")
         else:
             history = fit(cfg, model, train_ds, val_ds, run, strategy)
@@ -257,80 +258,35 @@ def run_vectorizer(cfg: Config, raw_train: tf.data.Dataset, n_train: int, run: R
     return vectorizer
 
 
-def first_round(cfg: Config, provenance: dict | None) -> Path:
-    """The finished run whose served model teaches this one (`distill.teacher: served`): the
-    same config taught by the n-gram regression, under `<name>-teacher`; trained (or resumed)
-    now unless it has finished before."""
-    teacher_cfg = distill.first_round(cfg)
-    done = finished_run(teacher_cfg, run_fingerprint(teacher_cfg, data_mod.data_identity(cfg.data)))
-    if done is None:
-        log.info("distill: training the teacher first, as its own run under %s/%s",
-                 teacher_cfg.runs_dir, teacher_cfg.name)
-        done = train(teacher_cfg, export=False, provenance=provenance).run_dir
-    else:
-        log.info("distill: the teacher is the finished run %s", done)
-    # Scored now, before this run seeds its generators: building the teacher's model draws
-    # from them, and a rerun that finds the scores cached must draw the same numbers.
-    served_teacher(cfg, done)
-    return done
-
-
-def served_teacher(cfg: Config, teacher_dir: Path) -> distill.Teacher:
-    """The served model of the finished run `teacher_dir` as the teacher (scores cached there)."""
-    def logits_of(texts: list[str]) -> np.ndarray:  # loaded only when the scores are not cached
-        teacher_cfg, vectorizer, model, branch = load_run(teacher_dir)
-        z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
-        return z_lstm if branch is None else blend_logit(z_lstm, z_ngram, branch.blend)
-
-    branch_file = teacher_dir / NGRAMS_FILE
-    texts, crops = distill.unlabelled_texts(cfg)
-    return distill.served_teacher(teacher_dir, texts,
-                                  ngrams.load(branch_file) if branch_file.is_file() else None,
-                                  logits_of, cfg.distill.temperature, crops)
-
-
 def run_teacher(cfg: Config, raw: data_mod.RawSplits, run: Run, teacher_dir: Path | None
                 ) -> distill.Teacher:
     """The distillation teacher: the n-gram regression fitted on the training reviews, or the
     served model of the finished run `teacher_dir`; its scores from their cache when they match."""
     if teacher_dir is None:
-        t = distill.teacher(cfg, data_mod.decoded(raw.train))
+        t = distill.ngram_teacher(cfg, data_mod.decoded(raw.train))
         where = str(distill.cache_stem(cfg))
     else:
-        t = served_teacher(cfg, teacher_dir)
+        branch_file = teacher_dir / NGRAMS_FILE
+        t = distill.served_teacher(teacher_dir, distill.unlabelled_reviews(cfg),
+                                   ngrams.load(branch_file) if branch_file.is_file() else None)
         where = str(teacher_dir)
-    run.update(distill={"teacher": cfg.distill.teacher, "unlabelled_reviews": len(t.reviews),
-                        "crops": t.crops,
+    run.update(distill={"teacher": cfg.distill.teacher, "unlabelled_reviews": len(t.texts),
                         "confident_share": round(distill.confident_share(t.probabilities), 4),
                         "mean_probability": round(float(np.mean(t.probabilities)), 4),
                         "from": where, "cached": t.cached})
     return t
 
 
-def start_from_teacher(model: keras.Model, teacher_dir: Path, run_dir: Path) -> None:
-    """Load the finished first run's trained weights (not its optimizer state) into the student.
-
-    Both rounds adapt their vocabulary on the same training reviews with the same settings, so
-    token ids mean the same; a vocabulary that differs would scramble every embedding row.
-    """
-    if load_vocabulary(teacher_dir / VOCAB_FILE) != load_vocabulary(run_dir / VOCAB_FILE):
-        raise ResumeError(f"distill.warm_start: the teacher run {teacher_dir} has another "
-                          "vocabulary than this run; train it again (delete it) or set "
-                          "distill.warm_start=false")
-    log.info("distill: the student starts from the teacher run's weights (%s)", teacher_dir / WEIGHTS_FILE)
-    load_weights(model, teacher_dir / WEIGHTS_FILE)
-
-
-def student_split(cfg: Config, raw: data_mod.RawSplits, n_train: int,
-                  teacher: distill.Teacher | None) -> tuple[tf.data.Dataset, TrainConfig]:
+def training_split(cfg: Config, raw: data_mod.RawSplits, n_train: int,
+                   teacher: distill.Teacher | None) -> tuple[tf.data.Dataset, TrainConfig]:
     """The split the BiLSTM trains on, and the train settings for it: the training reviews, or
     with a teacher those plus the unlabelled ones, shuffled as one (so every batch mixes both)."""
     if teacher is None:
         return raw.train, cfg.train
-    log.info("distill: training on %d labelled + %d teacher-labelled reviews (weight %g)",
-             n_train, len(teacher.texts), cfg.distill.weight)
+    log.info("distill: training on %d labelled + %d teacher-labelled reviews",
+             n_train, len(teacher.texts))
     rows = n_train + len(teacher.texts)
-    return (distill.student_split(raw.train, teacher, cfg.distill.weight),
+    return (distill.student_split(raw.train, teacher),
             cfg.train.model_copy(update={"shuffle_buffer": max(cfg.train.shuffle_buffer, rows)}))
 
 
@@ -395,7 +351,6 @@ def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]
                                patience=cfg.train.early_stopping_patience),
         keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), profile_batch=0),
-        PretrainedSchedule(cfg.train.freeze_pretrained_epochs, cfg.model.pretrained_lr_scale),
         SeedStateBackup(run_dir / BACKUP_DIR / SEED_STATE_FILE),
         # Resume point after a kill: weights, optimizer and epoch, saved each epoch. Last, so
         # an epoch counts as done only once its history row and best checkpoint are on disk;
@@ -436,9 +391,7 @@ def ngram_branch(cfg: Config, raw: data_mod.RawSplits, vectorizer: keras.layers.
         return ngrams.load(path)
     unlabelled = None
     if cfg.ngrams.cotrain:  # the teacher, when there is one, holds them already
-        # Whole reviews only, not their crops: a crop's n-grams are all in its review, so it tells
-        # a bag of n-grams nothing new, and fitting them cost accuracy (docs/experiments/distillation.md).
-        unlabelled = teacher.reviews if teacher is not None else distill.unlabelled_reviews(cfg)
+        unlabelled = teacher.texts if teacher is not None else distill.unlabelled_reviews(cfg)
     if teacher is None and cfg.distill.enabled and unlabelled is None:
         teacher = run_teacher(cfg, raw, run, teacher_dir)  # a run resumed after training: cached
     branch = fit_ngram_branch(cfg, vectorizer, model, data_mod.decoded(raw.train),

@@ -91,35 +91,20 @@ def bucket_boundaries(max_length: int) -> list[int]:
     return edges
 
 
-def bucket_batch_sizes(edges: list[int], max_length: int, batch_size: int,
-                       max_batch_tokens: int | None, replicas: int = 1) -> list[int]:
-    """Reviews per batch in each length bucket (`edges` from `bucket_boundaries`; none: one
-    bucket): `batch_size`, or fewer where a bucket's longest reviews would put more than
-    `max_batch_tokens` in a replica's batch. A step's memory grows with its tokens, so the
-    bucket of the longest reviews sets a run's peak."""
-    longest = [edge - 1 for edge in edges] + [max_length]
-    if max_batch_tokens is None:
-        return [batch_size] * len(longest)
-    per_replica = batch_size // replicas
-    return [replicas * max(1, min(per_replica, max_batch_tokens // n)) for n in longest]
-
-
-def buckets(vcfg: VectorizeConfig, tcfg: TrainConfig, batch_size: int, replicas: int = 1
-            ) -> tuple[list[int], list[int]]:
+def buckets(vcfg: VectorizeConfig, tcfg: TrainConfig, batch_size: int) -> tuple[list[int], list[int]]:
     """The length edges `batch_ids` buckets by (none without bucketing) and each bucket's
-    reviews per batch."""
+    reviews per batch: `batch_size` in every one."""
     edges = bucket_boundaries(vcfg.max_length) if tcfg.bucket_by_length else []
-    return edges, bucket_batch_sizes(edges, vcfg.max_length, batch_size, tcfg.max_batch_tokens,
-                                     replicas)
+    return edges, [batch_size] * (len(edges) + 1)
 
 
 def steps_per_epoch(rows: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig,
-                    batch_size: int, replicas: int = 1) -> int:
+                    batch_size: int) -> int:
     """The batches `batch_ids` makes of the cached `rows` in one epoch, counted per bucket.
 
     The pass fills the rows' cache, which the epochs then read; it leaves the shuffle alone.
     """
-    edges, sizes = buckets(vcfg, tcfg, batch_size, replicas)
+    edges, sizes = buckets(vcfg, tcfg, batch_size)
     lengths = np.concatenate([np.zeros(0, np.int64)] + list(
         rows.map(lambda ids, *_: tf.shape(ids, out_type=tf.int64)[0]).batch(4096).as_numpy_iterator()))
     counts = np.bincount(np.searchsorted(edges, lengths, side="right"), minlength=len(sizes))
@@ -161,7 +146,7 @@ def batch_ids(ds: tf.data.Dataset, vcfg: VectorizeConfig, tcfg: TrainConfig, bat
     """
     if shuffle_seed is not None:
         ds = ds.shuffle(tcfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    edges, sizes = buckets(vcfg, tcfg, batch_size, replicas)
+    edges, sizes = buckets(vcfg, tcfg, batch_size)
     if edges:
         ds = ds.bucket_by_sequence_length(
             element_length_func=lambda ids, *_: tf.shape(ids)[0],

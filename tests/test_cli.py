@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import COMMANDS, INTERRUPT_HINT, main, setup_logging
+from pipeline.cli import COMMANDS, INTERRUPT_HINT, main
+from pipeline.process import setup_logging
 from tests.helpers import ctrl_c_inside_tensorflow, damage, tiny_overrides, tiny_tfds, write_aclimdb
 
 
@@ -321,13 +322,13 @@ def test_six_rows_train_with_the_blend_and_print_the_users_label_names(tmp_path,
 def test_a_test_split_of_one_class_has_no_auc_and_says_so(monkeypatch, capsys):
     import numpy as np
 
-    import pipeline.train
+    import pipeline.rounds
     from pipeline.scoring import metrics_of
     from pipeline.train import RunResult
 
     metrics = metrics_of(np.array([0.9, 0.2, 0.7]), np.array([1, 1, 1]), ("bad", "good"))
     assert metrics["auc"] is None and json.loads(json.dumps(metrics))["auc"] is None  # recorded as null
-    monkeypatch.setattr(pipeline.train, "train", lambda *a, **k: RunResult(Path("r"), metrics, None))
+    monkeypatch.setattr(pipeline.rounds, "train_rounds", lambda *a, **k: RunResult(Path("r"), metrics, None))
     assert main(["train"]) == 0
     out = capsys.readouterr().out
     assert "auc undefined" in out

@@ -4,12 +4,15 @@ import keras
 import keras_tuner as kt
 import pytest
 from keras.src.backend.tensorflow import trainer as tf_trainer
+from keras.src.losses import loss as loss_module
+from keras.src.trainers.trainer import Trainer
 from packaging.version import Version
 
 from pipeline import compat
 from pipeline.errors import PipelineError
 
-GUARDS = [compat.check_multi_worker_internals, compat.check_backup_internals, compat.check_tuner_internals]
+GUARDS = [compat.check_multi_worker_internals, compat.check_backup_internals, compat.check_tuner_internals,
+          compat.check_train_step_internals]
 
 
 @pytest.mark.parametrize("guard", GUARDS)
@@ -28,6 +31,7 @@ def _pretend_installed(monkeypatch, dist: str, version: str) -> None:
     (compat.check_multi_worker_internals, "keras", "3.11.3"),
     (compat.check_backup_internals, "keras", "4.1.0"),
     (compat.check_tuner_internals, "keras-tuner", "1.5.0"),
+    (compat.check_train_step_internals, "keras", "4.0.0"),
 ])
 def test_a_version_outside_the_range_is_refused_by_name(monkeypatch, guard, dist, version):
     _pretend_installed(monkeypatch, dist, version)
@@ -46,6 +50,9 @@ def test_the_installed_versions_are_the_real_ones():
     (compat.check_backup_internals, keras.callbacks.BackupAndRestore, "_save_model"),
     (compat.check_backup_internals, keras.callbacks.BackupAndRestore, "_load_model"),
     (compat.check_tuner_internals, kt.Oracle, "_duplicate"),
+    (compat.check_train_step_internals, Trainer, "_compute_loss"),
+    (compat.check_train_step_internals, keras.layers.Layer, "_register_call_context_args"),
+    (compat.check_train_step_internals, loss_module, "unscale_loss_for_distribution"),
 ])
 def test_a_missing_attribute_is_refused_by_name(monkeypatch, guard, owner, name):
     monkeypatch.delattr(owner, name)
@@ -112,3 +119,17 @@ def test_the_multi_worker_fix_checks_before_patching_and_only_under_multi_worker
         compat.fix_keras_multi_worker(model, multi_worker)
     assert "_maybe_symbolic_build" not in vars(model)
     assert tf_trainer.reduce_per_replica is reduce
+
+
+def test_an_adversarial_model_is_refused_at_build_when_keras_lost_a_name_its_step_uses(monkeypatch):
+    from keras.src.trainers import trainer
+
+    from pipeline.model import build_model
+
+    build_model(20, embedding_dim=4, lstm_units=2, adversarial_epsilon=0.1)  # the guard passes today
+    init = trainer.Trainer.__init__
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda self, *a, **k: init(self, *a, **k))
+    # a Trainer that no longer sets _loss_tracker (here: an __init__ whose code never names it)
+    with pytest.raises(compat.CompatError, match="no longer uses `_loss_tracker`"):
+        build_model(20, embedding_dim=4, lstm_units=2, adversarial_epsilon=0.1)
+    build_model(20, embedding_dim=4, lstm_units=2)  # a model without the step needs no guard

@@ -3,6 +3,7 @@ soft targets, its scores are cached, and a distilling run resumes as an uninterr
 
 import csv
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -15,7 +16,8 @@ import pipeline.ngrams
 from pipeline import distill
 from pipeline.config import load_config
 from pipeline.data import decoded, load_raw
-from pipeline.runs import run_fingerprint
+from pipeline.rounds import train_rounds
+from pipeline.runs import LOCK_FILE
 from pipeline.scoring import ngram_logits
 from pipeline.train import train
 from tests.helpers import StopAt, make_review, tiny_overrides, write_aclimdb
@@ -65,8 +67,7 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
     fitted_texts = fit.calls[0][0]
     assert fitted_texts == train_texts and not held_out & set(fitted_texts)
     assert len(student.calls) == 1
-    student_rows = [t.decode() for t, _, _ in student.fn(
-        *student.calls[0], cfg.distill.weight).as_numpy_iterator()]
+    student_rows = [t.decode() for t, _ in student.fn(*student.calls[0]).as_numpy_iterator()]
     assert len(student_rows) == len(train_texts) + N_UNSUP
     assert not held_out & set(student_rows)
     assert sum(t.startswith("unlabelled ") for t in student_rows) == N_UNSUP
@@ -74,15 +75,13 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
     assert info["distill"]["unlabelled_reviews"] == N_UNSUP and info["distill"]["cached"] is False
 
 
-@pytest.mark.slow  # two training runs
-@pytest.mark.parametrize("crops", [0, 1])
+@pytest.mark.slow
 def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabilities(
-        unsup_dir, tmp_path, monkeypatch, crops):
+        unsup_dir, tmp_path, monkeypatch):
     from pipeline.run_files import load_run
     from pipeline.scoring import score_texts
 
-    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true",
-               f"distill.crops={crops}")
+    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true")
     real_fit, calls = pipeline.ngrams.fit, []
 
     def fit(texts, labels, ngrams_cfg, soft=None):
@@ -105,25 +104,22 @@ def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabili
     np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-z_lstm)), atol=1e-5)
     assert np.ptp(probabilities) > 0.1  # the trained BiLSTM's, not a constant
     info = json.loads((result.run_dir / "run.json").read_text())
-    # the student also read the crops; the branch, whole reviews only (a crop has no new n-grams)
-    assert info["ngrams"]["cotrained_on"] == N_UNSUP and info["distill"]["crops"] == crops * N_UNSUP
+    assert info["ngrams"]["cotrained_on"] == N_UNSUP
 
 
 def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
-    cfg = _cfg(unsup_dir, tmp_path, "distill.temperature=2.0", "distill.weight=0.5")
+    cfg = _cfg(unsup_dir, tmp_path)
     raw = load_raw(cfg.data, cfg.seed)
-    t = distill.teacher(cfg, decoded(raw.train))
+    t = distill.ngram_teacher(cfg, decoded(raw.train))
     logits = ngram_logits(t.branch, t.texts)
     assert np.ptp(logits) > 1.0  # the teacher tells reviews apart
-    rows = list(distill.student_split(raw.train, t, cfg.distill.weight).as_numpy_iterator())
+    rows = list(distill.student_split(raw.train, t).as_numpy_iterator())
     gold, soft = rows[:-N_UNSUP], rows[-N_UNSUP:]
-    assert [text.decode() for text, _, _ in soft] == t.texts
-    targets = np.array([y for _, y, _ in soft])
-    np.testing.assert_allclose(targets, 1 / (1 + np.exp(-logits / 2.0)), rtol=1e-5)
-    assert {w for _, _, w in soft} == {0.5}
-    # the labelled rows keep their gold 0/1 label at full weight
-    assert [y for _, y, _ in gold] == [float(y) for y in decoded(raw.train)[1]]
-    assert {w for _, _, w in gold} == {1.0}
+    assert [text.decode() for text, _ in soft] == t.texts
+    targets = np.array([y for _, y in soft])
+    np.testing.assert_allclose(targets, 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    # the labelled rows keep their gold 0/1 label
+    assert [y for _, y in gold] == [float(y) for y in decoded(raw.train)[1]]
 
 
 def test_a_rerun_reuses_the_cached_teacher_and_a_changed_review_is_scored_again(
@@ -131,50 +127,21 @@ def test_a_rerun_reuses_the_cached_teacher_and_a_changed_review_is_scored_again(
     root = shutil.copytree(unsup_dir, tmp_path / "aclImdb")
     cfg = _cfg(root, tmp_path)
     train_split = decoded(load_raw(cfg.data, cfg.seed).train)
-    first = distill.teacher(cfg, train_split)
+    first = distill.ngram_teacher(cfg, train_split)
     assert not first.cached
 
     def no_refit(*args):
         raise AssertionError("the cached teacher should have been reused")
 
     monkeypatch.setattr(pipeline.ngrams, "fit", no_refit)
-    again = distill.teacher(cfg, train_split)
+    again = distill.ngram_teacher(cfg, train_split)
     assert again.cached and again.texts == first.texts
     np.testing.assert_array_equal(again.probabilities, first.probabilities)
-    # another temperature reuses the cached logits: the scores are the teacher's, not the targets
-    softer = distill.teacher(_cfg(root, tmp_path, "distill.temperature=3.0"), train_split)
-    assert softer.cached and np.all(np.abs(softer.probabilities - 0.5) <= np.abs(first.probabilities - 0.5))
 
     (root / "train" / "unsup" / "0_0.txt").write_text("A brand new unlabelled review, great!")
     monkeypatch.undo()
-    changed = distill.teacher(cfg, train_split)
+    changed = distill.ngram_teacher(cfg, train_split)
     assert not changed.cached and changed.texts[0] != first.texts[0]
-
-
-def test_sentence_crops_are_short_spans_of_their_review_in_a_fixed_order():
-    texts = ["Great cast. Dull plot!<br /><br />The score soars? I left early.", "no break " * 20, ""]
-    crops = distill.sentence_crops(texts, 3, seed=1)
-    assert len(crops) == 6  # three per text with words, none for the empty one
-    def squeezed(text: str) -> str:
-        return text.replace("<br />", "").replace(" ", "")
-
-    for crop, text in zip(crops, [texts[0]] * 3 + [texts[1]] * 3, strict=True):
-        assert 0 < len(crop.split()) <= 30 and squeezed(crop) in squeezed(text)
-    assert all(c.count(".") + c.count("!") + c.count("?") <= 2 for c in crops[:3])
-    assert distill.sentence_crops(texts, 3, seed=1) == crops
-    assert distill.sentence_crops(texts * 10, 1, seed=2) != distill.sentence_crops(texts * 10, 1, seed=3)
-
-
-def test_crops_join_the_unlabelled_reviews_labelled_by_the_teacher_as_it_reads_them(unsup_dir, tmp_path):
-    cfg = _cfg(unsup_dir, tmp_path, "distill.crops=1")
-    raw = load_raw(cfg.data, cfg.seed)
-    t = distill.teacher(cfg, decoded(raw.train))
-    reviews = distill.unlabelled_reviews(_cfg(unsup_dir, tmp_path))
-    assert t.texts[:N_UNSUP] == reviews and t.texts[N_UNSUP:] == distill.sentence_crops(reviews, 1, cfg.seed)
-    assert t.reviews == reviews and t.crops == N_UNSUP
-    crops_p = 1 / (1 + np.exp(-ngram_logits(t.branch, t.texts[N_UNSUP:])))
-    np.testing.assert_allclose(t.probabilities[N_UNSUP:], crops_p, atol=1e-5)
-    assert distill.cache_stem(cfg) != distill.cache_stem(_cfg(unsup_dir, tmp_path))
 
 
 def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
@@ -182,7 +149,7 @@ def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
 
     cfg = _cfg(imdb_dir, tmp_path)  # no train/unsup folder
     with pytest.raises(DataError, match="need unlabelled reviews"):
-        distill.teacher(cfg, decoded(load_raw(cfg.data, cfg.seed).train))
+        distill.ngram_teacher(cfg, decoded(load_raw(cfg.data, cfg.seed).train))
     # co-training alone wants them too; either way the run stops before anything is written
     for settings in (["distill.enabled=true"], ["distill.enabled=false", "ngrams.enabled=true",
                                                 "ngrams.cotrain=true"]):
@@ -192,17 +159,17 @@ def test_distillation_needs_unlabelled_reviews(imdb_dir, tmp_path):
         assert not (tmp_path / "runs").exists()
 
 
-def test_the_first_round_is_this_config_taught_by_the_ngrams_without_adversarial_training():
+def test_the_teacher_is_this_config_taught_by_the_ngrams_without_experimental_levers():
     cfg = load_config(None, ["name=x", "distill.enabled=true", "distill.teacher=served",
-                             "model.adversarial_epsilon=0.02", "model.pooling=concat"])
-    first = distill.first_round(cfg)
+                             "experimental.adversarial_epsilon=0.02", "model.pooling=concat"])
+    first = distill.teacher_config(cfg)
     assert (first.name, first.distill.teacher) == ("x-teacher", "ngrams")
-    assert first.model.adversarial_epsilon == 0.0
-    assert first.ngrams.cotrain is False and distill.first_round(cfg.model_copy(update={
+    assert first.experimental.adversarial_epsilon == 0.0
+    assert first.ngrams.cotrain is False and distill.teacher_config(cfg.model_copy(update={
         "ngrams": cfg.ngrams.model_copy(update={"cotrain": True})})).ngrams == first.ngrams
     # Everything else is the same config.
-    assert first.model.model_copy(update={"adversarial_epsilon": 0.02}) == cfg.model
-    assert (first.train, first.vectorize, first.data) == (cfg.train, cfg.vectorize, cfg.data)
+    assert (first.model, first.train, first.vectorize, first.data) == (cfg.model, cfg.train,
+                                                                      cfg.vectorize, cfg.data)
 
 
 def test_training_metrics_count_a_soft_target_as_the_teachers_label():
@@ -214,24 +181,23 @@ def test_training_metrics_count_a_soft_target_as_the_teachers_label():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher", [(), ("distill.teacher=served", "distill.warm_start=true")],
-                         ids=["ngrams", "served-warm-start"])
+@pytest.mark.parametrize("teacher", [(), ("distill.teacher=served",)], ids=["ngrams", "served"])
 def test_a_resumed_distilling_run_ends_as_an_uninterrupted_one(unsup_dir, tmp_path, monkeypatch, teacher):
     # a cosine rate, so the resumed optimizer must also carry on the schedule where it was
     extra = ("train.epochs=4", "train.early_stopping_patience=4", "model.dropout=0.3",
              "train.lr_schedule=cosine", *teacher)
-    reference = train(_cfg(unsup_dir, tmp_path / "reference", *extra), export=False)
+    reference = train_rounds(_cfg(unsup_dir, tmp_path / "reference", *extra), export=False)
 
     import pipeline.train as spine
 
-    callbacks = spine.make_callbacks  # Ctrl-C in the student's third epoch; a first round finishes
-    monkeypatch.setattr(spine, "make_callbacks", lambda cfg, run_dir: callbacks(cfg, run_dir)
-                        + ([] if cfg.name.endswith("-teacher") else [StopAt(2)]))
+    # Ctrl-C in the student's third epoch; the teacher's round, in its own process, finishes
+    callbacks = spine.make_callbacks
+    monkeypatch.setattr(spine, "make_callbacks", lambda cfg, run_dir: callbacks(cfg, run_dir) + [StopAt(2)])
     cfg = _cfg(unsup_dir, tmp_path / "resumed", *extra)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, export=False)
+        train_rounds(cfg, export=False)
     monkeypatch.undo()
-    resumed = train(cfg, export=False)
+    resumed = train_rounds(cfg, export=False)
     info = json.loads((resumed.run_dir / "run.json").read_text())
     assert info["started_at_epoch"] == 3 and info["distill"]["cached"] is True
     assert resumed.metrics == reference.metrics
@@ -245,9 +211,13 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     from pipeline.scoring import blend_logit, score_texts
 
     cfg = _cfg(unsup_dir, tmp_path, "distill.teacher=served", "ngrams.enabled=true", "train.epochs=2")
-    student = train(cfg, export=False)
+    with pytest.raises(ValueError, match="needs the teacher run's folder"):
+        train(cfg, export=False)  # the spine trains one model: the rounds are above it
+    student = train_rounds(cfg, export=False)
     teachers = [d for d in (tmp_path / "runs" / "tiny-teacher").iterdir()]
     assert len(teachers) == 1 and json.loads((teachers[0] / "run.json").read_text())["status"] == "finished"
+    # the teacher trained in a process of its own: its lock names another pid than this one
+    assert int((teachers[0] / LOCK_FILE).read_text()) != os.getpid()
     info = json.loads((student.run_dir / "run.json").read_text())["distill"]
     assert info["from"] == str(teachers[0])
     scores = teachers[0] / distill.SERVED_SCORES_FILE
@@ -258,66 +228,16 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     teacher_cfg, vectorizer, model, branch = load_run(teachers[0])
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
     served = 1 / (1 + np.exp(-blend_logit(z_lstm, z_ngram, branch.blend)))
-    t = distill.served_teacher(teachers[0], texts, branch, lambda _: pytest.fail("not cached"), 1.0)
+    t = distill.served_teacher(teachers[0], texts, branch, lambda _: pytest.fail("not cached"))
     assert t.cached
     np.testing.assert_allclose(t.probabilities, served, atol=1e-5)
 
     # a second run of the config reuses the finished teacher and its scores
-    again = train(cfg, export=False, fresh=True)
+    again = train_rounds(cfg, export=False, fresh=True)
     assert len(list((tmp_path / "runs" / "tiny-teacher").iterdir())) == 1
     assert json.loads((again.run_dir / "run.json").read_text())["distill"]["cached"] is True
     assert scores.stat().st_mtime_ns == written
     assert again.metrics == student.metrics  # the same seed draws the same numbers either way
-
-
-@pytest.mark.slow  # trains four runs
-def test_a_warm_started_student_begins_at_the_first_runs_weights(unsup_dir, tmp_path, monkeypatch):
-    import pipeline.train as spine
-    from pipeline.run_files import load_run
-    from pipeline.runs import ResumeError
-
-    started, fit = {}, spine.fit  # config name -> the model's weights as its fit begins
-
-    def recording_fit(cfg, model, *args):
-        started[cfg.name] = model.get_weights()
-        return fit(cfg, model, *args)
-
-    monkeypatch.setattr(spine, "fit", recording_fit)
-
-    runs = {}
-    for warm in (True, False):
-        cfg = _cfg(unsup_dir, tmp_path, "distill.teacher=served", "ngrams.enabled=true",
-                   "train.epochs=2", f"distill.warm_start={str(warm).lower()}", f"name=warm-{warm}")
-        runs[warm] = train(cfg, export=False).run_dir
-        teacher = next((tmp_path / "runs" / f"warm-{warm}-teacher").iterdir())
-        trained = load_run(teacher)[2].get_weights()
-        same = [np.array_equal(a, b) for a, b in zip(started[f"warm-{warm}"], trained, strict=True)]
-        # warm: every weight is the first run's trained one; cold: the embedding at least is not
-        assert all(same) if warm else not same[0]
-
-    # a teacher whose token ids mean something else is refused, with what to do
-    (teacher / "vocabulary.txt").write_text("other\nwords\n")
-    with pytest.raises(ResumeError, match="another vocabulary.*distill.warm_start=false"):
-        spine.start_from_teacher(keras.Sequential([keras.layers.Dense(1)]), teacher, runs[True])
-
-
-def test_warm_start_needs_a_served_teacher():
-    with pytest.raises(ValueError, match="warm_start needs teacher 'served'"):
-        load_config(None, ["distill.enabled=true", "distill.warm_start=true"])
-
-
-def test_the_first_run_can_have_a_smaller_bilstm_than_the_student():
-    served = ["name=x", "distill.enabled=true", "distill.teacher=served", "model.lstm_units=128"]
-    cfg = load_config(None, [*served, "distill.teacher_lstm_units=64"])
-    first = distill.first_round(cfg)
-    assert (first.model.lstm_units, cfg.model.lstm_units) == (64, 128)
-    # The first run is the very run a config of 64 units trains first, so it is shared.
-    assert first == distill.first_round(load_config(None, [*served[:3], "model.lstm_units=64"]))
-    assert run_fingerprint(cfg, {}) != run_fingerprint(load_config(None, served), {})
-    with pytest.raises(ValueError, match="teacher_lstm_units needs teacher 'served'"):
-        load_config(None, ["distill.enabled=true", "distill.teacher_lstm_units=64"])
-    with pytest.raises(ValueError, match="warm_start needs the first run's BiLSTM of the student's size"):
-        load_config(None, [*served, "distill.teacher_lstm_units=64", "distill.warm_start=true"])
 
 
 def test_a_files_source_distills_from_its_unlabelled_files(tmp_path):
@@ -330,6 +250,6 @@ def test_a_files_source_distills_from_its_unlabelled_files(tmp_path):
                                             f"data.unlabelled_files={unlabelled}",
                                             f"pretrain.directory={tmp_path / 'pretrained'}"))
     raw = load_raw(cfg.data, cfg.seed)
-    t = distill.teacher(cfg, decoded(raw.train))
+    t = distill.ngram_teacher(cfg, decoded(raw.train))
     assert len(t.texts) == 30 and all(text.startswith("unlabelled ") for text in t.texts)
-    assert not t.cached and distill.teacher(cfg, decoded(raw.train)).cached
+    assert not t.cached and distill.ngram_teacher(cfg, decoded(raw.train)).cached

@@ -115,14 +115,6 @@ def test_adversarial_training_runs_both_of_its_passes_on_cudnn():
     assert not any(t.endswith("While") for t in ops)  # the generic kernel loops in a While
 
 
-def test_word_dropout_keeps_the_lstm_on_cudnn():
-    # Dropped words become OOV, not padding: the mask stays right-padded and no row empties.
-    model = build_model(50, embedding_dim=8, lstm_units=8, bidirectional=True, word_dropout=0.5)
-    with simulated_gpu():
-        ops = graph_op_types(train_step_graph(model))
-    assert cudnn_forward_count(ops) == 2 and not any(t.endswith("While") for t in ops)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("bidirectional,num_layers,pooling,mixed", SHAPES,
                          ids=[f"{'bi' if b else 'uni'}-{n}x-{p}-{'mixed' if m else 'fp32'}"

@@ -1,20 +1,17 @@
 import warnings
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pipeline.model import (
     MaskedMaxPooling1D,
-    WordDropout,
     adversarial_perturbation,
     build_model,
     fit_verbosity,
     load_weights,
     trainable_params,
 )
-from pipeline.vectorize import OOV, PAD
 
 
 @pytest.mark.parametrize("pooling,bidirectional,layers", [("last", True, 1), ("max", False, 2),
@@ -103,26 +100,6 @@ def test_trainable_params_and_fit_verbosity():
     assert trainable_params(model) == 40 + 4 * (4 + 2 + 1) * 2 + 3
     assert fit_verbosity(0) == 0 and fit_verbosity(1) == 1
     assert fit_verbosity(None) == 2  # pytest captures stdout: not a terminal, one line per epoch
-
-
-def test_word_dropout_reads_a_fraction_of_real_words_as_oov_only_in_training():
-    ids = np.tile(np.r_[np.arange(2, 402), np.zeros(100, int)], (20, 1))  # 400 words, 100 padding
-    layer = WordDropout(0.25, seed=0)
-    dropped = keras.ops.convert_to_numpy(layer(ids, training=True))
-    words = ids != PAD
-    assert np.all(dropped[~words] == PAD)  # padding stays padding: the mask is unchanged
-    changed = dropped != ids
-    assert np.all(dropped[changed] == OOV)  # a dropped word is the unknown word, nothing else
-    assert changed[words].mean() == pytest.approx(0.25, abs=0.02)
-    assert np.array_equal(keras.ops.convert_to_numpy(layer(ids, training=False)), ids)
-
-
-def test_a_model_with_word_dropout_predicts_without_it():
-    x = np.array([[5, 6, 7, 8, 0, 0], [9, 3, 0, 0, 0, 0]])
-    model = build_model(12, embedding_dim=4, lstm_units=3, word_dropout=0.5)
-    plain = build_model(12, embedding_dim=4, lstm_units=3)
-    plain.set_weights(model.get_weights())  # the layer has no weights: the same model otherwise
-    np.testing.assert_allclose(model.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-6)
 
 
 def test_the_adversarial_perturbation_has_the_configured_norm_and_no_gradient():

@@ -88,33 +88,22 @@ def test_run_fingerprint_follows_the_data_not_its_path(imdb_dir, tmp_path):
     assert _fp(cfg_moved) != _fp(cfg)  # other data: another run
 
 
-def test_data_keys_added_later_count_only_once_set():
+def test_data_key_leaves_out_the_files_paths_and_keeps_every_other_key():
     from pipeline.config import DataConfig
-    from pipeline.runs import LATER_DATA_KEYS, data_key
+    from pipeline.runs import FILES_KEYS, data_key
 
-    # Left at their defaults they are absent, so runs and caches made before them keep their names.
-    assert not set(data_key(DataConfig().model_dump())) & set(LATER_DATA_KEYS)
-    assert data_key(DataConfig(text_column="body").model_dump())["text_column"] == "body"
-    assert "train_files" not in data_key(DataConfig(source="files", train_files="a.csv").model_dump())
+    dumped = DataConfig(source="files", train_files="a.csv", text_column="body").model_dump()
+    assert set(data_key(dumped)) == set(dumped) - set(FILES_KEYS)
+    assert data_key(dumped)["text_column"] == "body"
 
 
-@pytest.mark.parametrize("key,value", [("model.adversarial_epsilon", 0.02), ("model.word_dropout", 0.1),
-                                       ("train.max_batch_tokens", 102400)])
-def test_keys_added_later_count_only_once_set(monkeypatch, key, value):
+def test_every_hash_carries_the_fingerprint_version(monkeypatch):
     import pipeline.runs as runs
-    from pipeline.config import Config
 
-    hashed = []
-    monkeypatch.setattr(runs, "fingerprint", lambda d: hashed.append(d) or "x")
-    section, name = key.split(".")
-    cfg = Config()
-    runs.run_fingerprint(cfg, {})
-    runs.run_fingerprint(cfg.model_copy(update={section: getattr(cfg, section).model_copy(
-        update={name: value})}), {})
-    # At its default the key is not hashed, so a run made before it existed keeps its fingerprint.
-    assert key in runs.LATER_KEYS
-    assert name not in hashed[0][section]
-    assert hashed[1][section][name] == value
+    before = runs.fingerprint({"a": 1})
+    monkeypatch.setattr(runs, "FINGERPRINT_VERSION", runs.FINGERPRINT_VERSION + 1)
+    # A new version renames every run, cache and search, so none of the old meaning is reused.
+    assert runs.fingerprint({"a": 1}) != before
 
 
 def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatch):

@@ -363,7 +363,7 @@ def test_one_search_compares_random_and_word2vec_starts_per_size(imdb_dir, tmp_p
         assert tuned.pretrain.vector_size == 8
 
 
-@pytest.mark.parametrize("init", ["file", "lm"])
+@pytest.mark.parametrize("init", ["file"])
 def test_a_fixed_size_start_needs_a_searched_init(init, imdb_dir, tmp_path):
     extra = [f"model.embedding_file={tmp_path / 'v.txt'}"] if init == "file" else []
     cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [f"model.embedding_init={init}"] + extra)

@@ -6,7 +6,6 @@ from pipeline.vectorize import (
     OOV,
     adapt_vectorizer,
     batch_ids,
-    bucket_batch_sizes,
     bucket_boundaries,
     load_vocabulary,
     make_vectorizer,
@@ -90,31 +89,15 @@ def test_even_batches_trims_to_a_multiple_of_replicas():
     assert sizes == [4, 4]  # 5, 5, 1 -> 4, 4 and the lone example dropped
 
 
-def test_token_budget_shrinks_only_the_buckets_of_long_reviews():
-    edges = bucket_boundaries(600)  # the last bucket holds reviews of edges[-1]..600 tokens
-    sizes = bucket_batch_sizes(edges, 600, 256, max_batch_tokens=256 * 400)
-    assert sizes[-1] == 256 * 400 // 600 == 170
-    assert all(size == 256 for edge, size in zip(edges, sizes, strict=False) if edge - 1 <= 400)
-    assert all(size * (edge - 1) <= 256 * 400 for edge, size in zip(edges, sizes, strict=False))
-    assert bucket_batch_sizes(edges, 600, 256, None) == [256] * (len(edges) + 1)
-    # Per replica: 2 replicas of 128 reviews, each batch within the budget, still a multiple of 2.
-    assert bucket_batch_sizes([], 600, 256, 128 * 300, replicas=2) == [2 * 64]
-    assert bucket_batch_sizes([], 600, 8, 10) == [1]  # never an empty batch
-
-
-def test_batches_keep_to_the_token_budget_and_steps_per_epoch_counts_them():
+def test_steps_per_epoch_counts_the_batches_per_bucket():
     texts = ["a " * n for n in range(1, 120)] * 3
     raw = _raw(texts, [n % 2 for n in range(len(texts))])
     vcfg = VectorizeConfig(max_length=100)
     vec = make_vectorizer(vcfg, ["a"])
-    for tcfg in (TrainConfig(max_batch_tokens=400), TrainConfig(max_batch_tokens=400, bucket_by_length=False),
-                 TrainConfig()):
+    for tcfg in (TrainConfig(), TrainConfig(bucket_by_length=False)):
         rows = vectorize_cached(raw, vec, vcfg)
         steps = steps_per_epoch(rows, vcfg, tcfg, batch_size=16)
         batches = list(batch_ids(rows, vcfg, tcfg, batch_size=16, shuffle_seed=3).as_numpy_iterator())
         assert steps == len(batches)
         assert sum(len(y) for _, y in batches) == len(texts)
-        if tcfg.max_batch_tokens:
-            assert max(ids.size for ids, _ in batches) <= 400
-        if tcfg.max_batch_tokens and tcfg.bucket_by_length:
-            assert max(len(y) for _, y in batches) == 16  # short reviews still fill whole batches
+        assert max(len(y) for _, y in batches) == 16

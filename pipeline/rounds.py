@@ -1,0 +1,131 @@
+"""`make train`: distillation's two rounds above the training spine.
+
+With `distill.teacher: served`, a first run of this config, taught by the n-gram regression,
+trains under `<name>-teacher` (`distill.teacher_config`); its served model labels the
+unlabelled reviews, and then `train()` trains the model that is served, taught by those
+labels. Otherwise there is one round: `train()` alone.
+
+The teacher's round runs in a child process of its own: the student's process then holds
+only the student, not what training and scoring the teacher left in memory. A finished
+teacher run is found by its fingerprint and reused, as `train()` resumes its own runs; a
+teacher interrupted halfway resumes the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import data as data_mod
+from pipeline import distill
+from pipeline.config import Config
+from pipeline.errors import PipelineError, stop_signal
+from pipeline.process import handle_stop_signals, is_verbose, setup_logging
+from pipeline.runs import NGRAMS_FILE, finished_run, run_fingerprint
+from pipeline.train import RunResult, train
+
+log = logging.getLogger(__name__)
+
+
+def train_rounds(cfg: Config, fresh: bool = False, export: bool = True,
+                 provenance: dict | None = None, force: bool = False) -> RunResult:
+    """The teacher's round when `cfg` distills from a served teacher, then `train(cfg)`."""
+    teacher_dir = None
+    if cfg.distill.enabled and cfg.distill.teacher == "served":
+        distill.check_unlabelled(cfg)  # here, at once, rather than from the teacher's process
+        teacher_dir = teacher_round(cfg, provenance)
+    return train(cfg, fresh=fresh, export=export, provenance=provenance, force=force,
+                 teacher_dir=teacher_dir)
+
+
+def teacher_round(cfg: Config, provenance: dict | None = None) -> Path:
+    """The finished teacher run of `cfg`, its scores of the unlabelled reviews cached in it:
+    found, or trained and scored now in a child process."""
+    done = _finished_teacher(cfg)
+    if done is not None and _scores_cached(cfg, done):
+        log.info("distill: the teacher is the finished run %s", done)
+        return done
+    teacher_cfg = distill.teacher_config(cfg)
+    log.info("distill: the teacher's round first, in a process of its own, as the run under %s/%s",
+             teacher_cfg.runs_dir, teacher_cfg.name)
+    return _in_child_process(cfg, provenance)
+
+
+def _finished_teacher(cfg: Config) -> Path | None:
+    teacher_cfg = distill.teacher_config(cfg)
+    return finished_run(teacher_cfg, run_fingerprint(teacher_cfg, data_mod.data_identity(cfg.data)))
+
+
+def _scores_cached(cfg: Config, teacher_dir: Path) -> bool:
+    path = teacher_dir / distill.SERVED_SCORES_FILE
+    if not path.is_file():
+        return False
+    with np.load(path) as z:
+        return str(z["digest"]) == distill.texts_digest(distill.unlabelled_reviews(cfg))
+
+
+def train_and_score_teacher(cfg: Config, provenance: dict | None = None) -> Path:
+    """Train (or resume, or find) the teacher run of `cfg`, then score the unlabelled reviews
+    with its served model, cached in its folder; what the child process does."""
+    done = _finished_teacher(cfg)
+    if done is None:
+        done = train(distill.teacher_config(cfg), export=False, provenance=provenance).run_dir
+    from pipeline.ngrams import load
+    from pipeline.run_files import load_run  # the served model, only where it is scored
+    from pipeline.scoring import blend_logit, score_texts
+
+    def logits_of(texts: list[str]) -> np.ndarray:
+        teacher_cfg, vectorizer, model, branch = load_run(done)
+        z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
+        return z_lstm if branch is None else blend_logit(z_lstm, z_ngram, branch.blend)
+
+    branch_file = done / NGRAMS_FILE
+    distill.served_teacher(done, distill.unlabelled_reviews(cfg),
+                           load(branch_file) if branch_file.is_file() else None, logits_of)
+    return done
+
+
+def _in_child_process(cfg: Config, provenance: dict | None) -> Path:
+    """`train_and_score_teacher` in a fresh process; its error, or an interruption, comes back here."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no TensorFlow state shared
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(cfg.to_dict(), provenance, is_verbose(), send),
+                            name="teacher-round")
+    child.start()
+    send.close()
+    try:
+        child.join()
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole process group, the child too; a SIGTERM sent to this process
+        # alone is passed on. Either way the teacher saves its resume point before this stops.
+        if stop_signal() != signal.SIGINT:
+            child.terminate()
+        child.join()
+        raise
+    if not receive.poll():
+        raise data_mod.DataError(f"the teacher's round ended without an answer (exit code "
+                                 f"{child.exitcode}); rerun to resume it")
+    ok, value = receive.recv()
+    if not ok:
+        raise value
+    return Path(value)
+
+
+def _child(cfg_dict: dict, provenance: dict | None, verbose: bool, send) -> None:
+    setup_logging(verbose)
+    handle_stop_signals()
+    try:
+        send.send((True, str(train_and_score_teacher(Config.model_validate(cfg_dict), provenance))))
+    except BaseException:  # noqa: BLE001 (every failure, interruptions included, goes back)
+        if stop_signal() is not None:  # TensorFlow may re-raise the interrupt as another error
+            exc = KeyboardInterrupt()
+        try:
+            send.send((False, exc))
+        except Exception:  # an error that cannot be pickled: its words still go back
+            send.send((False, PipelineError(f"the teacher's round failed: {type(exc).__name__}: {exc}")))
+        if not isinstance(exc, PipelineError | KeyboardInterrupt):
+            raise  # its traceback, printed by the child, is what a bug report needs
