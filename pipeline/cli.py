@@ -321,8 +321,7 @@ def _bench_tables(args: argparse.Namespace) -> int:
 
 def _results(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
-    _import_tensorflow(args)  # pipeline.runs loads Keras
-    from pipeline.results import write_results
+    from pipeline.results import write_results  # run records only: no TensorFlow
 
     runs = write_results(cfg, Path(args.runs_dir or cfg.runs_dir), Path(args.peer_json), Path(args.out))
     print(Path(args.out).read_text())

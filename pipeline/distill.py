@@ -36,7 +36,7 @@ from pipeline import data as data_mod
 from pipeline import ngrams
 from pipeline.atomic import atomic_path
 from pipeline.config import Config
-from pipeline.runs import data_key, fingerprint
+from pipeline.fingerprint import data_key, fingerprint
 from pipeline.scoring import ngram_logits
 
 log = logging.getLogger(__name__)

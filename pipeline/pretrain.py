@@ -21,7 +21,7 @@ from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.embeddings import reduce_dim
 from pipeline.errors import ConfigError
-from pipeline.runs import data_key, fingerprint
+from pipeline.fingerprint import data_key, fingerprint
 from pipeline.vectorize import standardize
 
 log = logging.getLogger(__name__)

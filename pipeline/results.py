@@ -20,7 +20,8 @@ from pathlib import Path
 from pipeline import atomic
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runs import CONFIG_FILE, METRICS_FILE, NOT_IN_FINGERPRINT, RUN_FILE, read_json
+from pipeline.fingerprint import NOT_IN_FINGERPRINT
+from pipeline.runs import CONFIG_FILE, METRICS_FILE, RUN_FILE, read_json
 
 log = logging.getLogger(__name__)
 

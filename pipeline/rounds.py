@@ -24,8 +24,9 @@ from pipeline import data as data_mod
 from pipeline import distill
 from pipeline.config import Config
 from pipeline.errors import PipelineError, stop_signal
+from pipeline.fingerprint import run_fingerprint
 from pipeline.process import handle_stop_signals, is_verbose, setup_logging
-from pipeline.runs import NGRAMS_FILE, finished_run, run_fingerprint
+from pipeline.runs import NGRAMS_FILE, finished_run
 from pipeline.train import RunResult, train
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
-"""Run bookkeeping: run directories and their locks, the run record, JSON state, the
-fingerprint, and the resume state that Keras' own backup leaves out.
+"""Run bookkeeping: run directories and their locks, the run record and JSON state. A run's
+name comes from `pipeline.fingerprint`; the resume state that Keras' own backup leaves out
+is `pipeline.resume`'s.
 
 A run lives in `runs/<name>/<time>-<fingerprint>/`. One live process holds it (an OS lock,
 released when the process ends however it ends); its record `run.json` says how far it got:
@@ -15,12 +16,9 @@ Nothing here imports a pipeline stage: stages import this module, never the othe
 
 from __future__ import annotations
 
-import csv
 import errno
 import fcntl
-import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -30,14 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import keras
-import numpy as np
-
 from pipeline import atomic
 from pipeline.config import Config
 from pipeline.errors import PipelineError, stop_signal
-
-log = logging.getLogger(__name__)
 
 # What a run directory holds.
 CONFIG_FILE = "config.yaml"
@@ -59,16 +52,6 @@ BACKUP_METADATA = "training_metadata.json"
 
 RESUMABLE = ("running", "trained")
 
-# Config keys that do not change the trained weights: where files go (paths can move),
-# how much is printed, how tuning searches and word2vec caches, and where tuned values
-# came from (the values themselves count). The data's identity replaces its paths.
-NOT_IN_FINGERPRINT = ("runs_dir", "export", "tune", "train.verbose", "pretrain.workers",
-                      "pretrain.directory", "model.tuned_hparams", "data.data_dir", "data.directory",
-                      "data.download", "data.train_files", "data.test_files", "data.unlabelled_files")
-# Bumped when what a fingerprint means changes, so that no run, cache or search of the old
-# meaning is resumed or reused as if it were of the new one.
-FINGERPRINT_VERSION = 2
-
 
 class RunBusyError(PipelineError):
     """Another live process holds the run (or tuning) directory."""
@@ -82,7 +65,7 @@ class RunNotFoundError(PipelineError):
     """No run of this config name got far enough for what was asked."""
 
 
-# --- JSON state and fingerprints ----------------------------------------------------------------
+# --- JSON state -----------------------------------------------------------------------------------
 
 
 def read_json(path: Path) -> dict:
@@ -93,30 +76,6 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, obj: dict) -> None:
     """Write all or nothing, so a kill never leaves half a file."""
     atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def fingerprint(obj: dict) -> str:
-    """Short stable hash of a JSON-able dict (key order does not matter) and FINGERPRINT_VERSION."""
-    versioned = {"fingerprint_version": FINGERPRINT_VERSION, "key": obj}
-    return hashlib.sha256(json.dumps(versioned, sort_keys=True).encode()).hexdigest()[:10]
-
-
-FILES_KEYS = ("train_files", "test_files", "unlabelled_files")  # paths: their data identity counts
-
-
-def data_key(data: dict) -> dict:
-    """A dumped DataConfig as fingerprints and cache names key it: without the files' paths."""
-    return {k: v for k, v in data.items() if k not in FILES_KEYS}
-
-
-def run_fingerprint(cfg: Config, data_identity: dict) -> str:
-    """The run's identity: every config key that shapes the trained weights, and the data's."""
-    d = cfg.to_dict()
-    for key in NOT_IN_FINGERPRINT:
-        section, _, name = key.rpartition(".")
-        (d[section] if section else d).pop(name)
-    d["data"] = data_key(d["data"])
-    return fingerprint(d | {"data_identity": data_identity})
 
 
 # --- locks --------------------------------------------------------------------------------------
@@ -288,152 +247,3 @@ def latest_finished_run(cfg: Config) -> Path:
         if read_json(run_dir / RUN_FILE).get("status") in ("finished", "trained"):
             return run_dir
     raise RunNotFoundError(f"no finished run under {root}: run `make train` first")
-
-
-# --- resume state -------------------------------------------------------------------------------
-
-
-def _history_rows(history: Path) -> list[dict]:
-    if not history.is_file():
-        return []
-    with history.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _monitored(history: Path, monitor: str) -> list[float]:
-    return [float(row[monitor]) for row in _history_rows(history) if row.get(monitor)]
-
-
-def best_so_far(history: Path, monitor: str) -> float | None:
-    """Best monitored value in a resumed run's history, so a checkpoint is never downgraded."""
-    values = _monitored(history, monitor)
-    if not values:
-        return None
-    return min(values) if monitor.endswith("loss") else max(values)
-
-
-def tidy_history(history: Path, epochs_done: int) -> None:
-    """Keep one row per completed epoch, dropping the rows of epochs that will be run again.
-
-    A kill can land after CSVLogger wrote a row (or half a row) but before the
-    backup recorded that epoch; the rerun epoch would otherwise appear twice.
-    """
-    if not history.is_file():
-        return
-    with history.open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, list(reader)
-    if not fields:
-        return
-    kept: dict[int, dict] = {}
-    for row in rows:
-        epoch = row.get("epoch") or ""
-        if epoch.isdigit() and int(epoch) < epochs_done and None not in row.values():
-            kept[int(epoch)] = row  # the last complete row of an epoch wins
-    with atomic.atomic_path(history) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept[e] for e in sorted(kept))
-
-
-def _readable_h5(path: Path) -> bool:
-    """Whether every dataset of an HDF5 weights file can be read (a cut-short file cannot)."""
-    import h5py
-
-    def read(_name, obj):
-        if isinstance(obj, h5py.Dataset):
-            obj[()]
-
-    try:
-        with h5py.File(path, "r") as f:
-            f.visititems(read)
-    except Exception:  # h5py raises OSError, KeyError, ValueError, RuntimeError alike
-        return False
-    return True
-
-
-def restored_epoch(backup_dir: Path) -> int:
-    """Epochs completed by the backup that `fit` will resume from (0 without one).
-
-    When the newest copy cannot be read, the previous copy (weights and epoch) replaces it
-    first, with a warning, so that the epoch counter, the shuffles skipped and the seed
-    states restored all belong to the weights that are actually loaded.
-    """
-    weights, meta = backup_dir / BACKUP_WEIGHTS, backup_dir / BACKUP_METADATA
-    prev_weights, prev_meta = backup_dir / f"{BACKUP_WEIGHTS}.bkp", backup_dir / f"{BACKUP_METADATA}.bkp"
-    if weights.is_file() and not _readable_h5(weights):
-        if not prev_weights.is_file() or not _readable_h5(prev_weights):
-            raise ResumeError(f"the backup {weights} cannot be read and there is no readable "
-                              "copy before it: start over with --fresh")
-        log.warning("the latest backup %s cannot be read; resuming from the copy before it", weights)
-        atomic.copy_file(prev_weights, weights)
-        if prev_meta.is_file():
-            atomic.copy_file(prev_meta, meta)
-        else:  # the previous copy predates the first epoch's record
-            meta.unlink(missing_ok=True)
-    return int(read_json(meta).get("epoch", 0))
-
-
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping that carries its best value and patience count over a resume."""
-
-    def __init__(self, history: Path, **kwargs):
-        super().__init__(**kwargs)
-        self._history = history
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        # Replay the finished epochs, so a resumed run stops where an uninterrupted one would.
-        for epoch, value in enumerate(_monitored(self._history, self.monitor)):
-            self.wait += 1
-            if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-                self.best, self.best_epoch, self.wait = value, epoch, 0
-
-
-class SeedStateBackup(keras.callbacks.Callback):
-    """Backs up the dropout seed states each epoch and restores them on a resume.
-
-    BackupAndRestore's weights file leaves SeedGenerator states out, so a resumed run
-    would draw other dropout masks than an uninterrupted one. The states are kept per
-    completed epoch (the last three), so they match whichever backup copy the resume loads,
-    the previous one included. Saved states that do not fit the model raise ResumeError.
-    """
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self._path = path
-        self._restored = False
-
-    def _states(self) -> list:
-        weights = {id(v) for v in self.model.weights}
-        return [v for v in self.model.variables
-                if id(v) not in weights and v.path.endswith("seed_generator_state")]
-
-    def on_train_begin(self, logs=None):
-        self._restored = False
-
-    def on_epoch_begin(self, epoch, logs=None):
-        # The first epoch of a session is the one the backup resumed at, whatever decided it.
-        if self._restored:
-            return
-        self._restored = True
-        states = self._states()
-        saved = read_json(self._path).get(str(epoch))
-        if saved is None:
-            if epoch > 0 and states:
-                log.warning("no saved dropout seed states for epoch %d in %s: the resumed run "
-                            "draws other dropout masks than an uninterrupted one", epoch + 1, self._path)
-            return
-        shapes = [tuple(var.shape) for var in states]
-        if [np.shape(value) for value in saved] != shapes:
-            raise ResumeError(f"{self._path}: the saved seed states of epoch {epoch + 1} "
-                              f"({[np.shape(v) for v in saved]}) do not fit the model's ({shapes}): "
-                              "start over with --fresh")
-        for var, value in zip(states, saved, strict=True):
-            var.assign(np.asarray(value, dtype=var.dtype))
-
-    def on_epoch_end(self, epoch, logs=None):
-        saved = {k: v for k, v in read_json(self._path).items() if int(k) >= epoch - 1}
-        saved[str(epoch + 1)] = [np.asarray(var).tolist() for var in self._states()]
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self._path, saved)

@@ -55,6 +55,7 @@ from pipeline.export import (
     export_model,
     save_result,
 )
+from pipeline.fingerprint import run_fingerprint
 from pipeline.gate import GateRefused, GateRows
 from pipeline.model import (
     build_model,
@@ -65,6 +66,7 @@ from pipeline.model import (
 )
 from pipeline.pretrain import initial_weights
 from pipeline.report import plot_curves
+from pipeline.resume import ResumableEarlyStopping, SeedStateBackup, best_so_far, restored_epoch, tidy_history
 from pipeline.runs import (
     BACKUP_DIR,
     BEST_FILE,
@@ -77,15 +79,9 @@ from pipeline.runs import (
     SEED_STATE_FILE,
     VOCAB_FILE,
     WEIGHTS_FILE,
-    ResumableEarlyStopping,
     Run,
-    SeedStateBackup,
-    best_so_far,
     open_run,
     open_worker_run,
-    restored_epoch,
-    run_fingerprint,
-    tidy_history,
     write_json,
 )
 from pipeline.scoring import evaluate_rows

@@ -43,9 +43,10 @@ from pipeline.config import Config, TuneConfig, from_dict, save_config
 from pipeline.distribute import describe, make_strategy, seed_everything
 from pipeline.embeddings import nearest_neighbours, write_projector
 from pipeline.errors import ConfigError, PipelineError, stop_signal
+from pipeline.fingerprint import data_key, fingerprint
 from pipeline.model import build_model, fit_verbosity, model_kwargs, trainable_params
 from pipeline.pretrain import embedding_matrix
-from pipeline.runs import DirLock, data_key, fingerprint, read_json, write_json
+from pipeline.runs import DirLock, read_json, write_json
 from pipeline.scoring import blend_logit, fit_blend, ngram_logits, score_texts
 from pipeline.tune_report import (
     BEST_FILE,

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.data import DataError, check_nonempty, load_raw
+from pipeline.config import DataConfig, load_config
+from pipeline.data import DataError, check_nonempty, data_identity, load_raw
 from tests.helpers import write_aclimdb
 
 
@@ -49,3 +49,12 @@ def test_unreadable_review_file_is_named(tmp_path, kind):
         bad.symlink_to(tmp_path / "gone.txt")
     with pytest.raises(DataError, match=r"cannot read review file .*99_9\.txt.*remove it or fix it"):
         load_raw(DataConfig(source="directory", directory=str(root)), seed=0)
+
+
+def test_fresh_folder_data_identity_counts_every_review(tmp_path):
+    root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
+    (root / "train" / "unsup").mkdir()
+    (root / "train" / "unsup" / "0_0.txt").write_text("unlabelled")
+    identity = data_identity(load_config(None, ["data.source=directory",
+                                                f"data.directory={root}"]).data)
+    assert identity["source"] == "directory" and identity["files"] == 8 + 4 + 1

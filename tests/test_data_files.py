@@ -50,8 +50,8 @@ def test_files_source_with_test_files_and_unlabelled_rows(tmp_path):
 
 def test_a_changed_file_is_other_data(tmp_path):
     from pipeline.config import Config
+    from pipeline.fingerprint import run_fingerprint
     from pipeline.pretrain import cache_path
-    from pipeline.runs import run_fingerprint
     from tests.helpers import review_rows, write_table
 
     def keys(cfg):  # the run's fingerprint and its word2vec vectors' file

@@ -7,8 +7,8 @@ import tensorflow_datasets as tfds
 
 import pipeline.data
 import pipeline.data_tfds
-from pipeline.config import DataConfig
-from pipeline.data import DataError, check_nonempty, load_raw
+from pipeline.config import DataConfig, load_config
+from pipeline.data import DataError, check_nonempty, data_identity, load_raw
 from pipeline.data_tfds import tfds_data_dir, unreachable
 from tests.helpers import tiny_tfds
 
@@ -148,3 +148,34 @@ def test_prepared_tfds_copy_reads_whole(tmp_path):
     cfg = DataConfig(tfds_name="tiny_reviews", data_dir=str(tmp_path), download="auto",
                      validation_fraction=0.25)
     assert check_nonempty(load_raw(cfg, seed=0)) == {"train": 45, "validation": 15, "test": 20}
+
+
+def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    class Split:
+        def __init__(self, n):
+            self.num_examples = n
+
+    class Info:
+        full_name, version = "imdb_reviews/plain_text/1.0.0", "1.0.0"
+        splits = {"train": Split(25000), "test": Split(25000)}
+
+    calls = []
+
+    def builder(name, data_dir=None, **kwargs):
+        calls.append((name, data_dir, kwargs))
+        return type("Builder", (), {"info": Info})()
+
+    monkeypatch.setattr(tfds, "builder", builder)
+    cfg = load_config(None, ["data.data_dir=/somewhere"]).data
+    assert data_identity(cfg) == {"source": "tfds", "name": "imdb_reviews/plain_text/1.0.0",
+                                  "version": "1.0.0", "splits": {"test": 25000, "train": 25000}}
+    assert calls == [("imdb_reviews", "/somewhere", {})]  # no download_and_prepare, no options
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("no dataset_info.json")
+
+    monkeypatch.setattr(tfds, "builder", broken)
+    with pytest.raises(DataError, match="imdb_reviews"):
+        data_identity(cfg)

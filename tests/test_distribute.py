@@ -24,8 +24,9 @@ from pipeline.distribute import (
     wait_all,
 )
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.fingerprint import run_fingerprint
 from pipeline.model import build_model
-from pipeline.runs import latest_finished_run, open_run, open_worker_run, run_fingerprint
+from pipeline.runs import latest_finished_run, open_run, open_worker_run
 from pipeline.train import train
 from tests.helpers import tiny_overrides
 

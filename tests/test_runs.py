@@ -1,12 +1,12 @@
-"""pipeline/runs.py: run directories and locks, the run record, the fingerprint and the resume state;
-and through `train`, the statuses a run goes through (failed, trained -> export, finished) and
-its resume across sessions (after SIGKILL and Ctrl-C: the same history and metrics)."""
+"""pipeline/runs.py: run directories and locks, the run record; and through `train`, the statuses
+a run goes through (failed, trained -> export, finished) and its resume across sessions (after
+SIGKILL and Ctrl-C: the same history and metrics). The resume state unit by unit:
+test_resume.py."""
 
 import csv
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,127 +14,27 @@ import time
 import warnings
 from pathlib import Path
 
-import keras
-import numpy as np
 import pytest
 
 import pipeline.train
 from pipeline import runs
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.data import DataError, data_identity
-from pipeline.distribute import WorkerBackupAndRestore
-from pipeline.model import build_model
+from pipeline.data import DataError
 from pipeline.runs import (
     DirLock,
-    ResumableEarlyStopping,
-    ResumeError,
     RunBusyError,
-    SeedStateBackup,
-    fingerprint,
     open_run,
-    restored_epoch,
-    run_fingerprint,
-    tidy_history,
 )
 from pipeline.train import train
-from tests.helpers import RESUME_EPOCHS, RESUME_EXTRA, StopAt, tiny_overrides, write_aclimdb
+from tests.helpers import RESUME_EPOCHS, RESUME_EXTRA, StopAt, tiny_overrides
+from tests.test_fingerprint import fp_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fp(cfg) -> str:
-    return run_fingerprint(cfg, data_identity(cfg.data))
-
-
 def _set_args(overrides: list[str]) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
-
-
-# --- fingerprint ----------------------------------------------------------------------------------
-
-
-def test_fingerprint_is_short_and_ignores_key_order():
-    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
-    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
-    assert len(fingerprint({})) == 10
-
-
-@pytest.mark.parametrize("volatile", [
-    "runs_dir=elsewhere", "export.dir=elsewhere", "train.verbose=2", "tune.epochs=9",
-    "tune.directory=elsewhere", "pretrain.workers=7", "pretrain.directory=elsewhere",
-    "model.tuned_hparams=latest",
-])
-def test_run_fingerprint_ignores_what_does_not_shape_the_weights(imdb_dir, tmp_path, volatile):
-    base = load_config(None, tiny_overrides(imdb_dir, tmp_path))
-    assert _fp(load_config(None, tiny_overrides(imdb_dir, tmp_path) + [volatile])) == _fp(base)
-
-
-@pytest.mark.parametrize("change", ["model.lstm_units=9", "seed=1", "train.batch_size=8",
-                                    "data.max_train_examples=50", "vectorize.max_tokens=99",
-                                    "data.labels=[pos, neg]", "data.train_split=validation"])
-def test_run_fingerprint_covers_what_shapes_the_weights(imdb_dir, tmp_path, change):
-    base = load_config(None, tiny_overrides(imdb_dir, tmp_path))
-    assert _fp(load_config(None, tiny_overrides(imdb_dir, tmp_path) + [change])) != _fp(base)
-
-
-def test_run_fingerprint_follows_the_data_not_its_path(imdb_dir, tmp_path):
-    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path))
-    moved = shutil.copytree(imdb_dir, tmp_path / "moved")
-    cfg_moved = load_config(None, tiny_overrides(moved, tmp_path))
-    assert _fp(cfg_moved) == _fp(cfg)  # same reviews elsewhere: the same run
-    review = next((moved / "train" / "pos").glob("*.txt"))
-    review.write_text(review.read_text() + " more")
-    assert _fp(cfg_moved) != _fp(cfg)  # other data: another run
-
-
-def test_data_key_leaves_out_the_files_paths_and_keeps_every_other_key():
-    from pipeline.config import DataConfig
-    from pipeline.runs import FILES_KEYS, data_key
-
-    dumped = DataConfig(source="files", train_files="a.csv", text_column="body").model_dump()
-    assert set(data_key(dumped)) == set(dumped) - set(FILES_KEYS)
-    assert data_key(dumped)["text_column"] == "body"
-
-
-def test_every_hash_carries_the_fingerprint_version(monkeypatch):
-    import pipeline.runs as runs
-
-    before = runs.fingerprint({"a": 1})
-    monkeypatch.setattr(runs, "FINGERPRINT_VERSION", runs.FINGERPRINT_VERSION + 1)
-    # A new version renames every run, cache and search, so none of the old meaning is reused.
-    assert runs.fingerprint({"a": 1}) != before
-
-
-def test_tfds_identity_comes_from_the_builder_info_without_a_download(monkeypatch):
-    import tensorflow_datasets as tfds
-
-    class Split:
-        def __init__(self, n):
-            self.num_examples = n
-
-    class Info:
-        full_name, version = "imdb_reviews/plain_text/1.0.0", "1.0.0"
-        splits = {"train": Split(25000), "test": Split(25000)}
-
-    calls = []
-
-    def builder(name, data_dir=None, **kwargs):
-        calls.append((name, data_dir, kwargs))
-        return type("Builder", (), {"info": Info})()
-
-    monkeypatch.setattr(tfds, "builder", builder)
-    cfg = load_config(None, ["data.data_dir=/somewhere"]).data
-    assert data_identity(cfg) == {"source": "tfds", "name": "imdb_reviews/plain_text/1.0.0",
-                                  "version": "1.0.0", "splits": {"test": 25000, "train": 25000}}
-    assert calls == [("imdb_reviews", "/somewhere", {})]  # no download_and_prepare, no options
-
-    def broken(*args, **kwargs):
-        raise FileNotFoundError("no dataset_info.json")
-
-    monkeypatch.setattr(tfds, "builder", broken)
-    with pytest.raises(DataError, match="imdb_reviews"):
-        data_identity(cfg)
 
 
 # --- run directories and locks --------------------------------------------------------------------
@@ -153,7 +53,7 @@ def test_code_commit_is_the_checkouts_or_none_without_git(monkeypatch):
 
 
 def test_open_run_resumes_running_and_trained_runs_only(tiny_cfg):
-    fp = _fp(tiny_cfg)
+    fp = fp_of(tiny_cfg)
     with open_run(tiny_cfg, fp, fresh=False) as run:
         assert not run.resumed and run.status == "running"
         record = json.loads((run.dir / "run.json").read_text())
@@ -177,7 +77,7 @@ def test_open_run_resumes_running_and_trained_runs_only(tiny_cfg):
 
 
 def test_pipeline_error_marks_a_training_run_failed_but_not_a_trained_one(tiny_cfg):
-    fp = _fp(tiny_cfg)
+    fp = fp_of(tiny_cfg)
     with pytest.raises(DataError), open_run(tiny_cfg, fp, fresh=False) as run:
         raise DataError("cannot read record 3")
     record = json.loads((run.dir / "run.json").read_text())
@@ -194,13 +94,13 @@ def test_pipeline_error_marks_a_training_run_failed_but_not_a_trained_one(tiny_c
 def test_an_error_after_a_stop_signal_leaves_the_run_resumable(tiny_cfg, monkeypatch):
     # tfds turns whatever reading raised, a re-raised Ctrl-C included, into a DataError.
     monkeypatch.setattr(runs, "stop_signal", lambda: signal.SIGINT)
-    with pytest.raises(DataError), open_run(tiny_cfg, _fp(tiny_cfg), fresh=False) as run:
+    with pytest.raises(DataError), open_run(tiny_cfg, fp_of(tiny_cfg), fresh=False) as run:
         raise DataError("cannot load 'imdb_reviews': RuntimeError")
     assert json.loads((run.dir / "run.json").read_text())["status"] == "running"
 
 
 def test_a_held_run_is_refused_with_one_line_naming_dir_and_pid(tiny_cfg):
-    fp = _fp(tiny_cfg)
+    fp = fp_of(tiny_cfg)
     with open_run(tiny_cfg, fp, fresh=False) as run:
         with pytest.raises(RunBusyError) as err:
             open_run(tiny_cfg, fp, fresh=False)
@@ -234,7 +134,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
 def test_a_second_train_of_a_live_run_exits_1_with_one_line(imdb_dir, tmp_path, capsys):
     overrides = tiny_overrides(imdb_dir, tmp_path)
     cfg = load_config(None, overrides)
-    with open_run(cfg, _fp(cfg), fresh=False) as live:  # as a first `train` would hold it
+    with open_run(cfg, fp_of(cfg), fresh=False) as live:  # as a first `train` would hold it
         assert main(["train"] + _set_args(overrides)) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(live.dir) in err[0] and f"pid {os.getpid()}" in err[0]
@@ -362,104 +262,6 @@ def test_fallback_to_the_older_backup_matches_an_uninterrupted_run(imdb_dir, tmp
     assert resumed.metrics == reference_run.metrics
 
 
-# --- resume state, unit by unit -------------------------------------------------------------------
-
-
-def _model(dropout: float = 0.3) -> keras.Model:
-    return build_model(10, embedding_dim=4, lstm_units=2, dropout=dropout)
-
-
-def _write_history(path: Path, values: list[float]) -> None:
-    rows = [f"{i},{v}" for i, v in enumerate(values)]
-    path.write_text("\n".join(["epoch,val_accuracy", *rows]) + "\n")
-
-
-def test_resumable_early_stopping_replays_the_finished_epochs(tmp_path):
-    history = tmp_path / "history.csv"
-    _write_history(history, [0.5, 0.7, 0.6])
-    stop = ResumableEarlyStopping(history, monitor="val_accuracy", mode="max", patience=2)
-    stop.set_model(_model())
-    stop.on_train_begin()
-    assert (stop.best, stop.best_epoch, stop.wait) == (0.7, 1, 1)
-    stop.on_epoch_end(3, {"val_accuracy": 0.65})  # a second epoch without improvement
-    assert stop.model.stop_training  # where an uninterrupted run stops too
-    assert runs.best_so_far(history, "val_accuracy") == 0.7
-
-
-def test_seed_state_backup_restores_the_states_of_the_resumed_epoch(tmp_path):
-    path = tmp_path / "backup" / "seed_state.json"
-    model = _model()
-    saver = SeedStateBackup(path)
-    saver.set_model(model)
-    states = saver._states()
-    assert states and all(v.path.endswith("seed_generator_state") for v in states)
-    for epoch in range(4):
-        for var in states:
-            var.assign(np.full(var.shape, epoch + 1, dtype=var.dtype))
-        saver.on_epoch_end(epoch)
-    saved = json.loads(path.read_text())
-    assert sorted(saved) == ["2", "3", "4"]  # the last three: either backup copy can resume
-
-    other = _model()
-    restorer = SeedStateBackup(path)
-    restorer.set_model(other)
-    restorer.on_train_begin()
-    restorer.on_epoch_begin(3)  # resuming after 3 epochs: the states saved at the end of epoch 3
-    assert all((np.asarray(v) == 3).all() for v in restorer._states())
-    restorer.on_epoch_begin(4)  # later epochs of the session restore nothing
-    assert all((np.asarray(v) == 3).all() for v in restorer._states())
-
-
-def test_seed_state_backup_refuses_states_that_do_not_fit(tmp_path, caplog):
-    path = tmp_path / "seed_state.json"
-    path.write_text(json.dumps({"2": [[1, 2]]}))  # one state; the model has more
-    restorer = SeedStateBackup(path)
-    restorer.set_model(_model())
-    restorer.on_train_begin()
-    with pytest.raises(ResumeError, match="do not fit"):
-        restorer.on_epoch_begin(2)
-    restorer.on_train_begin()
-    with caplog.at_level(logging.WARNING):
-        restorer.on_epoch_begin(5)  # nothing saved for that epoch: said, not silent
-    assert "no saved dropout seed states for epoch 6" in caplog.text
-
-
-@pytest.fixture(scope="module")
-def three_epoch_backup(tmp_path_factory) -> Path:
-    """The backup folder a kill after the third epoch leaves (both copies); copy before changing."""
-    x, y = np.array([[2, 3, 4], [5, 6, 0]]), np.array([1.0, 0.0])
-    backup_dir = tmp_path_factory.mktemp("backup") / "backup"
-    _model().fit(x, y, epochs=3, verbose=0, callbacks=[WorkerBackupAndRestore(
-        str(backup_dir), double_checkpoint=True, delete_checkpoint=False)])
-    return backup_dir
-
-
-def test_restored_epoch_falls_back_to_the_older_copy_whole(three_epoch_backup, tmp_path, caplog):
-    backup_dir = shutil.copytree(three_epoch_backup, tmp_path / "backup")
-    assert restored_epoch(backup_dir) == 3
-    latest = backup_dir / "latest.weights.h5"
-    older = (backup_dir / "latest.weights.h5.bkp").read_bytes()
-    latest.write_bytes(latest.read_bytes()[:300])
-    with caplog.at_level(logging.WARNING):
-        assert restored_epoch(backup_dir) == 2  # the epoch of the copy that will be loaded
-    assert "cannot be read" in caplog.text
-    assert latest.read_bytes() == older
-    model = _model()
-    restore = WorkerBackupAndRestore(str(backup_dir), double_checkpoint=True)
-    restore.set_model(model)
-    restore.on_train_begin()
-    assert model._initial_epoch == 2  # Keras resumes from the same copy
-
-
-def test_restored_epoch_without_a_readable_copy_is_an_error(three_epoch_backup, tmp_path):
-    backup_dir = shutil.copytree(three_epoch_backup, tmp_path / "backup")
-    for name in ("latest.weights.h5", "latest.weights.h5.bkp"):
-        (backup_dir / name).write_bytes(b"not hdf5")
-    with pytest.raises(ResumeError, match="--fresh"):
-        restored_epoch(backup_dir)
-    assert restored_epoch(tmp_path / "none") == 0  # no backup: a fresh start
-
-
 def test_tuning_folder_is_refused_while_held(imdb_dir, tmp_path):
     from pipeline import tune
 
@@ -469,15 +271,6 @@ def test_tuning_folder_is_refused_while_held(imdb_dir, tmp_path):
         with pytest.raises(RunBusyError, match=f"tuning folder {out}.*pid {os.getpid()}"):
             tune.run_search(cfg)
     assert not out.exists()  # refused before anything was written
-
-
-def test_fresh_folder_data_identity_counts_every_review(tmp_path):
-    root = write_aclimdb(tmp_path / "imdb", n_train=8, n_test=4)
-    (root / "train" / "unsup").mkdir()
-    (root / "train" / "unsup" / "0_0.txt").write_text("unlabelled")
-    identity = data_identity(load_config(None, ["data.source=directory",
-                                                f"data.directory={root}"]).data)
-    assert identity["source"] == "directory" and identity["files"] == 8 + 4 + 1
 
 
 # --- resume across sessions: SIGKILL and Ctrl-C, and same seed -> same metrics -----------------
@@ -578,13 +371,3 @@ def test_same_config_and_seed_give_identical_metrics(imdb_dir, tmp_path, referen
     assert again.metrics == reference_run.metrics  # exactly: deterministic ops, seeded shuffles
     histories = [(run / "history.csv").read_text() for run in (again.run_dir, reference_run.run_dir)]
     assert histories[0] == histories[1]
-
-
-def test_tidy_history_keeps_one_row_per_completed_epoch(tmp_path):
-    path = tmp_path / "history.csv"
-    # Epoch 1 logged twice (killed before its backup, then rerun) and epoch 2 half-written.
-    path.write_text("epoch,loss,val_loss\n0,0.9,0.8\n1,0.7,0.6\n1,0.5,0.4\n2,0.3\n")
-    tidy_history(path, epochs_done=2)
-    assert path.read_text().splitlines() == ["epoch,loss,val_loss", "0,0.9,0.8", "1,0.5,0.4"]
-    tidy_history(path, epochs_done=0)
-    assert path.read_text().splitlines() == ["epoch,loss,val_loss"]

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from pipeline.data import data_identity
-from pipeline.runs import latest_finished_run, run_fingerprint
+from pipeline.fingerprint import run_fingerprint
+from pipeline.runs import latest_finished_run
 
 
 def test_run_directory_holds_everything(trained_run):
