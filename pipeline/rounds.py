@@ -121,12 +121,13 @@ def _child(cfg_dict: dict, provenance: dict | None, verbose: bool, send) -> None
     handle_stop_signals()
     try:
         send.send((True, str(train_and_score_teacher(Config.model_validate(cfg_dict), provenance))))
-    except BaseException:  # noqa: BLE001 (every failure, interruptions included, goes back)
-        if stop_signal() is not None:  # TensorFlow may re-raise the interrupt as another error
-            exc = KeyboardInterrupt()
+    except BaseException as error:  # every failure, interruptions included, goes back
+        # TensorFlow may re-raise the interrupt as another error: a stop is a stop.
+        answer = KeyboardInterrupt() if stop_signal() is not None else error
         try:
-            send.send((False, exc))
+            send.send((False, answer))
         except Exception:  # an error that cannot be pickled: its words still go back
-            send.send((False, PipelineError(f"the teacher's round failed: {type(exc).__name__}: {exc}")))
-        if not isinstance(exc, PipelineError | KeyboardInterrupt):
+            failed = f"the teacher's round failed: {type(answer).__name__}: {answer}"
+            send.send((False, PipelineError(failed)))
+        if not isinstance(answer, PipelineError | KeyboardInterrupt):
             raise  # its traceback, printed by the child, is what a bug report needs
