@@ -15,7 +15,7 @@ from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGN
 from pipeline.errors import PipelineError
 
 CHUNK = 1024  # reviews per call, so a long stdin stream never sits in memory at once
-BATCH = 256  # reviews per call when scoring a labelled set: the batch BENCHMARKS' serving rate is timed at
+BATCH = 256  # reviews per call when scoring a labelled set: the batch docs/experiments/serving.md times
 LABELS_FILE = "assets.extra/labels.txt"  # in a version: its label names, negative then positive
 
 

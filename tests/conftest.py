@@ -2,9 +2,10 @@
 
 The builders behind them are plain functions in tests/helpers.py, imported inside each
 fixture: helpers imports TensorFlow, which must wait for `pytest_configure`. Under pytest-xdist
-(`make test-all`, `make test-slow`: `-n 2 --dist loadgroup`) the tests that share one of the
-expensive fixtures in SHARED_FIXTURES run in the same worker, one after the other in file
-order, so each of those fixtures is built once per session, as in a plain `pytest` run.
+(every `make test*` tier: `-n 2 --dist loadgroup`) the tests that share an expensive fixture
+run in the same worker, one after the other in file order, so that fixture is built once per
+session, as in a plain `pytest` run: a session fixture says it is expensive with `@shared`,
+and a module-scoped fixture is taken to be (see `pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config, load_config
+
+
+def shared(fixture_function):
+    """For a session fixture that trains (seconds) and that several tests share, often in several
+    files: under pytest-xdist its tests run in one worker, so it is built once. Goes under
+    `@pytest.fixture`."""
+    fixture_function.shared_by_tests = True
+    return fixture_function
 
 
 def pytest_configure(config):
@@ -60,6 +69,7 @@ def tiny_cfg(imdb_dir, tmp_path) -> Config:
 
 
 @pytest.fixture(scope="session")
+@shared
 def reference_run(imdb_dir, tmp_path_factory):
     """One uninterrupted tiny run with RESUME_EXTRA, not exported: what a resumed run must match
     exactly and a second run of the same config must equal."""
@@ -71,6 +81,7 @@ def reference_run(imdb_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@shared
 def trained_run(imdb_dir, tmp_path_factory):
     """One finished tiny run (trained and exported) with the n-gram branch, as the default
     config ships; shared by the export tests."""
@@ -83,6 +94,7 @@ def trained_run(imdb_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@shared
 def files_run(tmp_path_factory):
     """One finished tiny run (trained and exported) on a CSV whose labels are `bad` and `good`:
     the user's names must reach run.json, the metrics, the export and predict."""
@@ -121,17 +133,32 @@ def worse_export(worse_model, tmp_path_factory) -> Path:
     return path
 
 
-# Fixtures that train (seconds each) and are shared by several tests, some in several files.
-SHARED_FIXTURES = ("trained_run", "reference_run", "searched", "trained_lm", "three_epoch_backup",
-                   "files_run")
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, one group per shared fixture: its tests go to one worker together."""
+    """Under pytest-xdist, one group per expensive fixture: its tests go to one worker together.
+
+    A test joins the group of the first `@shared` session fixture it uses, directly or through
+    another fixture; failing that, of the first module-scoped fixture it uses (one that trains,
+    or writes a data set, for the tests of its file: split over workers, each would build it).
+    """
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        group = expensive_fixture(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def expensive_fixture(item: pytest.Item) -> str | None:
+    """The group `item` joins: the name of its first `@shared` session fixture, else
+    `<file>::<name>` of its first module-scoped one, else None."""
+    # pytest's resolved fixture definitions for the item (fixturenames is their closure)
+    definitions = [item._fixtureinfo.name2fixturedefs[name][-1] for name in item.fixturenames
+                   if name in item._fixtureinfo.name2fixturedefs]
+    for fixture in definitions:
+        if fixture.scope == "session" and getattr(fixture.func, "shared_by_tests", False):
+            return fixture.argname
+    for fixture in definitions:
+        if fixture.scope == "module":
+            return f"{fixture.baseid}::{fixture.argname}"
+    return None

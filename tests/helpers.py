@@ -1,4 +1,5 @@
-"""Builders shared by the tests: tiny generated reviews and datasets, configs, interruptions.
+"""Builders shared by the tests: tiny generated reviews and datasets, configs, interruptions,
+and the stand-ins a test puts in place of a pipeline function (`spy`, `forbid`).
 
 Plain functions and constants, imported by the test files that use them; the fixtures that
 wrap them live in conftest.py.
@@ -6,12 +7,14 @@ wrap them live in conftest.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import signal
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -79,6 +82,43 @@ RESUME_EPOCHS = 6
 RESUME_EXTRA = [f"train.epochs={RESUME_EPOCHS}", f"train.early_stopping_patience={RESUME_EPOCHS}",
                 "model.dropout=0.3"]
 
+
+def sigmoid(z) -> np.ndarray:
+    """P(positive) of a logit, written out here so that no test checks the pipeline's sigmoid
+    against itself."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
+class Spy:
+    """Calls through to `fn` and records each call's arguments by name, defaults filled in:
+    `spy.calls[0]["texts"]`. `spy.fn` is the real function."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+        self._signature = inspect.signature(fn)
+
+    def __call__(self, *args, **kwargs):
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.calls.append(dict(bound.arguments))
+        return self.fn(*args, **kwargs)
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, owner, name: str) -> Spy:
+    """Put a Spy in place of `owner.<name>` for the rest of the test."""
+    recorder = Spy(getattr(owner, name))
+    monkeypatch.setattr(owner, name, recorder)
+    return recorder
+
+
+def forbid(monkeypatch: pytest.MonkeyPatch, owner, name: str, why: str) -> None:
+    """`owner.<name>` fails the test with `why` if anything calls it (e.g. a refit that a cache
+    should have saved)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(owner, name, forbidden)
 
 
 class TinyReviews(tfds.core.GeneratorBasedBuilder):

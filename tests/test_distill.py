@@ -20,7 +20,7 @@ from pipeline.rounds import train_rounds
 from pipeline.runs import LOCK_FILE
 from pipeline.scoring import ngram_logits
 from pipeline.train import train
-from tests.helpers import StopAt, make_review, tiny_overrides, write_aclimdb
+from tests.helpers import StopAt, forbid, make_review, sigmoid, spy, tiny_overrides, write_aclimdb
 
 N_UNSUP = 60
 
@@ -41,33 +41,20 @@ def _cfg(root: Path, out: Path, *extra: str):
         "distill.enabled=true", f"pretrain.directory={out / 'pretrained'}", *extra])
 
 
-class Spy:
-    """Records every call's first two arguments, then calls through."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(args[:2])
-        return self.fn(*args, **kwargs)
-
-
 def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_path, monkeypatch):
     cfg = _cfg(unsup_dir, tmp_path, "train.epochs=1", "ngrams.enabled=true")
-    fit = Spy(pipeline.ngrams.fit)
-    monkeypatch.setattr(pipeline.ngrams, "fit", fit)
-    student = Spy(distill.student_split)
-    monkeypatch.setattr(distill, "student_split", student)
+    fit = spy(monkeypatch, pipeline.ngrams, "fit")
+    student = spy(monkeypatch, distill, "student_split")
     result = train(cfg, export=False)
 
     raw = load_raw(cfg.data, cfg.seed)
     train_texts = decoded(raw.train)[0]
     held_out = set(decoded(raw.validation)[0]) | set(decoded(raw.test)[0])
     assert len(fit.calls) == 1  # the teacher is the served branch too: fitted once
-    fitted_texts = fit.calls[0][0]
+    fitted_texts = fit.calls[0]["texts"]
     assert fitted_texts == train_texts and not held_out & set(fitted_texts)
     assert len(student.calls) == 1
-    student_rows = [t.decode() for t, _ in student.fn(*student.calls[0]).as_numpy_iterator()]
+    student_rows = [t.decode() for t, _ in student.fn(**student.calls[0]).as_numpy_iterator()]
     assert len(student_rows) == len(train_texts) + N_UNSUP
     assert not held_out & set(student_rows)
     assert sum(t.startswith("unlabelled ") for t in student_rows) == N_UNSUP
@@ -82,26 +69,20 @@ def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabili
     from pipeline.scoring import score_texts
 
     cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true")
-    real_fit, calls = pipeline.ngrams.fit, []
-
-    def fit(texts, labels, ngrams_cfg, soft=None):
-        calls.append((texts, soft))
-        return real_fit(texts, labels, ngrams_cfg, soft=soft)
-
-    monkeypatch.setattr(pipeline.ngrams, "fit", fit)
+    fit = spy(monkeypatch, pipeline.ngrams, "fit")
     result = train(cfg, export=False)
 
     raw = load_raw(cfg.data, cfg.seed)
     train_texts = decoded(raw.train)[0]
     held_out = set(decoded(raw.validation)[0]) | set(decoded(raw.test)[0])
     # twice: the teacher on the training reviews alone, then the served branch with the soft rows
-    assert [texts == train_texts for texts, _ in calls] == [True, True]
-    assert calls[0][1] is None and calls[1][1] is not None
-    texts, probabilities = calls[1][1]
+    assert [call["texts"] == train_texts for call in fit.calls] == [True, True]
+    assert fit.calls[0]["soft"] is None and fit.calls[1]["soft"] is not None
+    texts, probabilities = fit.calls[1]["soft"]
     assert texts == distill.unlabelled_reviews(cfg) and not held_out & set(texts)
     run_cfg, vectorizer, model, _ = load_run(result.run_dir)
     z_lstm, _ = score_texts(vectorizer, model, texts, run_cfg.vectorize.max_length)
-    np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-z_lstm)), atol=1e-5)
+    np.testing.assert_allclose(probabilities, sigmoid(z_lstm), atol=1e-5)
     assert np.ptp(probabilities) > 0.1  # the trained BiLSTM's, not a constant
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["ngrams"]["cotrained_on"] == N_UNSUP
@@ -117,7 +98,7 @@ def test_soft_targets_are_the_teachers_probabilities(unsup_dir, tmp_path):
     gold, soft = rows[:-N_UNSUP], rows[-N_UNSUP:]
     assert [text.decode() for text, _ in soft] == t.texts
     targets = np.array([y for _, y in soft])
-    np.testing.assert_allclose(targets, 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    np.testing.assert_allclose(targets, sigmoid(logits), rtol=1e-5)
     # the labelled rows keep their gold 0/1 label
     assert [y for _, y in gold] == [float(y) for y in decoded(raw.train)[1]]
 
@@ -130,10 +111,7 @@ def test_a_rerun_reuses_the_cached_teacher_and_a_changed_review_is_scored_again(
     first = distill.ngram_teacher(cfg, train_split)
     assert not first.cached
 
-    def no_refit(*args):
-        raise AssertionError("the cached teacher should have been reused")
-
-    monkeypatch.setattr(pipeline.ngrams, "fit", no_refit)
+    forbid(monkeypatch, pipeline.ngrams, "fit", "the cached teacher should have been reused")
     again = distill.ngram_teacher(cfg, train_split)
     assert again.cached and again.texts == first.texts
     np.testing.assert_array_equal(again.probabilities, first.probabilities)
@@ -227,7 +205,7 @@ def test_a_served_teacher_is_a_finished_first_run_whose_blend_labels_the_reviews
     texts = distill.unlabelled_reviews(cfg)
     teacher_cfg, vectorizer, model, branch = load_run(teachers[0])
     z_lstm, z_ngram = score_texts(vectorizer, model, texts, teacher_cfg.vectorize.max_length, branch)
-    served = 1 / (1 + np.exp(-blend_logit(z_lstm, z_ngram, branch.blend)))
+    served = sigmoid(blend_logit(z_lstm, z_ngram, branch.blend))
     t = distill.served_teacher(teachers[0], texts, branch, lambda _: pytest.fail("not cached"))
     assert t.cached
     np.testing.assert_allclose(t.probabilities, served, atol=1e-5)

@@ -64,7 +64,7 @@ def test_branch_separates_reviews_and_round_trips(tmp_path):
     assert len(model.vocabulary) == len(model.idf) == len(model.weights)
     held_out, held_labels = _reviews(100, seed=1)
     logits = model.layer(tf.constant(held_out)).numpy()
-    assert np.mean((logits > 0) == held_labels) >= 0.9
+    assert np.array_equal(logits > 0, held_labels == 1)  # all 100 unseen reviews, as a fixed seed gives
     assert model.layer is model.layer  # its lookup table is built once, not per use
     # the weights carry the NB ratio: a positive word pulls up, a negative one down
     weight = dict(zip(model.vocabulary, model.weights, strict=True))

@@ -117,7 +117,7 @@ def test_predict_with_empty_stdin_fails_in_one_line(stdin):
     assert proc.stdout == b""
 
 
-@pytest.mark.slow  # a process that loads TensorFlow and the model: ~25 s here
+@pytest.mark.slow  # a fresh process that loads TensorFlow and the model
 def test_predict_into_a_closed_pipe_is_a_quiet_exit(trained_run, tmp_path):
     # `imdb-pipeline predict ... | head -1`: the reader leaves after one line.
     _, result = trained_run
