@@ -84,7 +84,7 @@ class DataConfig(_Section):
 
 class VectorizeConfig(_Section):
     max_tokens: int = Field(20000, ge=3)  # vocabulary size, padding and OOV included
-    max_length: int = Field(400, gt=0)  # tokens kept per review; IMDB averages ~230 words
+    max_length: int = Field(400, gt=0)  # tokens kept per review, the rest cut (experiments/model-size.md)
     adapt_batch_size: int = Field(1024, gt=0)  # reviews per batch while adapting the vocabulary
 
 

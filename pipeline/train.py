@@ -181,7 +181,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # Model: only construction and compile belong in the strategy's scope.
         lr = cfg.model.learning_rate * (replicas if cfg.train.lr_scaling == "linear" else 1)
         # word2vec or a vectors file; a trained run's saved weights replace any start, so it
-        # needs none (nor the minutes of pretraining a missing cache would cost).
+        # needs none (nor the pretraining a missing cache would start).
         pretrained = {} if trained else initial_weights(cfg, vocabulary)
         # A cosine schedule spans every step of train.epochs, the batches counted per bucket.
         decay_steps = (steps_per_epoch(train_rows, cfg.vectorize, train_cfg, global_batch)
