@@ -185,7 +185,10 @@ class PretrainConfig(_Section):
     window: int = Field(5, gt=0)  # words either side (skip-gram, negative sampling)
     min_count: int = Field(2, gt=0)  # rarer words get no vector
     epochs: int = Field(5, gt=0)  # passes over the corpus
-    workers: int = Field(2, gt=0)  # gensim threads; more than the CPU has cores only adds contention
+    # gensim threads. One gives the same vectors for the same seed, run after run (a search's
+    # sizes are then compared on the same start); more are faster but not bit-for-bit repeatable.
+    workers: int = Field(1, gt=0)
+    seed: int | None = Field(None, ge=0)  # word2vec's seed; None: the run's `seed`
     directory: str = "pretrained"  # cached vectors, keyed by their settings
 
 

@@ -31,13 +31,18 @@ def _vector_size(cfg: Config) -> int:
     return cfg.pretrain.vector_size or cfg.model.embedding_dim
 
 
+def word2vec_seed(cfg: Config) -> int:
+    """The seed word2vec trains with: pretrain.seed, else the run's."""
+    return cfg.seed if cfg.pretrain.seed is None else cfg.pretrain.seed
+
+
 def cache_path(cfg: Config) -> Path:
     """Where the word2vec vectors for this config live (same settings -> same file)."""
     key = {"data": data_key(cfg.data.model_dump(exclude={"max_eval_examples", "download"})),
            "size": _vector_size(cfg),
            "pretrain": {k: v for k, v in cfg.pretrain.model_dump().items()
-                        if k not in ("directory", "vector_size")},
-           "seed": cfg.seed, "tokenizer": 1}
+                        if k not in ("directory", "vector_size", "seed")},
+           "seed": word2vec_seed(cfg), "tokenizer": 1}
     if cfg.data.source == "files":  # files are edited in place: their contents name the vectors
         key["data_identity"] = data_mod.data_identity(cfg.data)
     digest = fingerprint(key)
@@ -83,7 +88,7 @@ def train_word2vec(cfg: Config) -> Path:
     t0 = time.time()
     p = cfg.pretrain
     model = Word2Vec(vector_size=_vector_size(cfg), window=p.window, min_count=p.min_count, sg=1,
-                     negative=5, seed=cfg.seed, workers=p.workers)
+                     negative=5, seed=word2vec_seed(cfg), workers=p.workers)
     sentences = Corpus(cfg)
     model.build_vocab(sentences)
     log.info("word2vec: %d reviews, %d tokens, %d words kept; training %d epochs",

@@ -151,3 +151,21 @@ def test_word2vec_reads_the_unlabelled_files_and_the_training_rows(tmp_path, cap
         corpus = Corpus(cfg)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert sum(1 for _ in corpus) == 5 + 24  # the non-empty unlabelled rows, then train (40 - 8 - 8)
+
+
+def test_the_same_seed_gives_the_same_vectors_bit_for_bit(imdb_dir, tmp_path):
+    from gensim.models import KeyedVectors
+
+    first = _w2v_cfg(imdb_dir, tmp_path / "a", "pretrain.epochs=2")
+    second = _w2v_cfg(imdb_dir, tmp_path / "b", "pretrain.epochs=2")
+    assert first.pretrain.workers == 1  # the default, because more threads are not repeatable
+    a, b = (KeyedVectors.load(str(train_word2vec(c))) for c in (first, second))
+    assert a.index_to_key == b.index_to_key
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+
+
+def test_pretrain_seed_pins_the_vectors_whatever_the_run_seed(imdb_dir, tmp_path):
+    base = _w2v_cfg(imdb_dir, tmp_path, "seed=1")
+    assert cache_path(_w2v_cfg(imdb_dir, tmp_path, "seed=2")) != cache_path(base)
+    pinned = [_w2v_cfg(imdb_dir, tmp_path, f"seed={s}", "pretrain.seed=1") for s in (1, 2)]
+    assert cache_path(pinned[0]) == cache_path(pinned[1]) == cache_path(base)
