@@ -1,4 +1,5 @@
-"""What every process of the pipeline sets up first: its log lines and its stop signals.
+"""What every process of the pipeline sets up first: its log lines, its stop signals, a quiet
+TensorFlow import, and a stdout that may be closed under it (`| head`).
 
 The CLI's process and the child that trains distillation's teacher (`pipeline.rounds`) log
 alike and stop alike: SIGINT (Ctrl-C) and SIGTERM (kill, docker stop) unwind as a
@@ -10,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import warnings
 
 from pipeline.errors import record_stop
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill and docker stop
+STDOUT_CLOSED = 141  # 128 + SIGPIPE: what `yes | head -1` leaves for `yes`
 
 
 def setup_logging(verbose: bool) -> None:
@@ -64,3 +67,40 @@ def handle_stop_signals() -> dict:
 def restore_signals(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def import_tensorflow(verbose: bool) -> None:
+    """Import TensorFlow, unless --verbose with stderr (fd 2) pointed at /dev/null meanwhile.
+
+    Its C++ start-up lines (absl's InitializeLog notice, "Could not find cuda drivers") are
+    printed during the import, before TF_CPP_MIN_LOG_LEVEL applies. An import that fails
+    still raises, with its traceback, once stderr is back.
+    """
+    if verbose or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def flush_stdout() -> bool:
+    """Flush now, where a closed pipe can be handled; False if the reader has gone."""
+    try:
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        silence_stdout()
+        return False

@@ -103,9 +103,10 @@ def test_export_and_the_side_commands_never_load_the_training_spine():
 
 
 def _parsed_overrides(*sets: str) -> list[str]:
-    from pipeline.cli import _overrides, build_parser
+    from pipeline.cli import build_parser
+    from pipeline.commands import overrides
 
-    return _overrides(build_parser().parse_args(["check-config", *(a for s in sets for a in ("--set", s))]))
+    return overrides(build_parser().parse_args(["check-config", *(a for s in sets for a in ("--set", s))]))
 
 
 def test_set_splits_pairs_and_keeps_spaces_in_values():
