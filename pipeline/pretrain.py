@@ -77,6 +77,22 @@ class Corpus:
         return tokenized(self.texts)
 
 
+def _epoch_logger(epochs: int):
+    """A gensim callback that logs each finished pass: word2vec runs for minutes, and gensim's
+    own progress lines are library INFO, hidden unless --verbose."""
+    from gensim.models.callbacks import CallbackAny2Vec
+
+    class EpochLogger(CallbackAny2Vec):
+        def __init__(self) -> None:
+            self.epoch, self.t0 = 0, time.time()
+
+        def on_epoch_end(self, model) -> None:
+            self.epoch += 1
+            log.info("word2vec: pass %d of %d done (%.0fs)", self.epoch, epochs, time.time() - self.t0)
+
+    return EpochLogger()
+
+
 def train_word2vec(cfg: Config) -> Path:
     """Train (or reuse) word2vec vectors; returns the cached KeyedVectors file."""
     from gensim.models import Word2Vec
@@ -94,7 +110,7 @@ def train_word2vec(cfg: Config) -> Path:
     log.info("word2vec: %d reviews, %d tokens, %d words kept; training %d epochs",
              model.corpus_count, model.corpus_total_words, len(model.wv), p.epochs)
     model.train(sentences, total_examples=model.corpus_count, total_words=model.corpus_total_words,
-                epochs=p.epochs, report_delay=30)
+                epochs=p.epochs, report_delay=30, callbacks=[_epoch_logger(p.epochs)])
     _save_vectors(model.wv, path)
     log.info("word2vec: %d words x %d dims in %.0fs -> %s", len(model.wv), model.wv.vector_size,
              time.time() - t0, path)

@@ -169,3 +169,10 @@ def test_pretrain_seed_pins_the_vectors_whatever_the_run_seed(imdb_dir, tmp_path
     assert cache_path(_w2v_cfg(imdb_dir, tmp_path, "seed=2")) != cache_path(base)
     pinned = [_w2v_cfg(imdb_dir, tmp_path, f"seed={s}", "pretrain.seed=1") for s in (1, 2)]
     assert cache_path(pinned[0]) == cache_path(pinned[1]) == cache_path(base)
+
+
+def test_word2vec_logs_each_pass(imdb_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.pretrain"):
+        train_word2vec(_w2v_cfg(imdb_dir, tmp_path, "pretrain.epochs=3"))
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("word2vec: pass")]
+    assert [m.split(" (")[0] for m in passes] == [f"word2vec: pass {k} of 3 done" for k in (1, 2, 3)]
