@@ -51,8 +51,8 @@ def _train(args: argparse.Namespace) -> int:
     # JSON quoting keeps the path a string when read as YAML.
     tuned = [f"model.tuned_hparams={json.dumps(args.tuned)}"] if args.tuned else []
     cfg = load_config(args.config, overrides(args) + tuned)
-    import_tensorflow(args.verbose)  # after the config: a bad one fails before TensorFlow loads
-    from pipeline.gate import gate_line
+    # TensorFlow loads inside train_rounds: after the config, and after a served teacher's
+    # round, which trains in a process of its own while this one waits without it.
     from pipeline.rounds import train_rounds
 
     provenance = None
@@ -62,6 +62,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg, provenance = apply_tuned(cfg)
     result = train_rounds(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance,
                           force=args.force)
+    from pipeline.gate import gate_line
+
     if not result.chief:
         print("\nthis worker's part is done; the chief writes the run and the export")
         return 0

@@ -5,7 +5,8 @@ trains under `<name>-teacher` (`distill.teacher_config`); its served model label
 unlabelled reviews, and then `train()` trains the model that is served, taught by those
 labels. Otherwise there is one round: `train()` alone.
 
-The teacher's round runs in a child process of its own: the student's process then holds
+The teacher's round runs in a child process of its own, started before this process loads
+TensorFlow: the two never hold a model each at once, and the student's process then holds
 only the student, not what training and scoring the teacher left in memory. A finished
 teacher run is found by its fingerprint and reused, as `train()` resumes its own runs; a
 teacher interrupted halfway resumes the same way.
@@ -17,64 +18,63 @@ import logging
 import multiprocessing
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from pipeline import data as data_mod
-from pipeline import distill
 from pipeline.config import Config
-from pipeline.errors import PipelineError, stop_signal
-from pipeline.fingerprint import run_fingerprint
-from pipeline.process import handle_stop_signals, is_verbose, setup_logging
-from pipeline.runs import NGRAMS_FILE, finished_run
-from pipeline.train import RunResult, train
+from pipeline.errors import DataError, PipelineError, stop_signal
+from pipeline.process import handle_stop_signals, import_tensorflow, is_verbose, setup_logging
+
+if TYPE_CHECKING:
+    from pipeline.train import RunResult
 
 log = logging.getLogger(__name__)
 
 
 def train_rounds(cfg: Config, fresh: bool = False, export: bool = True,
                  provenance: dict | None = None, force: bool = False) -> RunResult:
-    """The teacher's round when `cfg` distills from a served teacher, then `train(cfg)`."""
+    """The teacher's round when `cfg` distills from a served teacher, then `train(cfg)`.
+
+    This process loads TensorFlow only after the teacher's round: while the teacher trains,
+    it holds the config and little else.
+    """
     teacher_dir = None
     if cfg.distill.enabled and cfg.distill.teacher == "served":
-        distill.check_unlabelled(cfg)  # here, at once, rather than from the teacher's process
         teacher_dir = teacher_round(cfg, provenance)
+    import_tensorflow(is_verbose())
+    from pipeline.train import train
+
     return train(cfg, fresh=fresh, export=export, provenance=provenance, force=force,
                  teacher_dir=teacher_dir)
 
 
 def teacher_round(cfg: Config, provenance: dict | None = None) -> Path:
     """The finished teacher run of `cfg`, its scores of the unlabelled reviews cached in it:
-    found, or trained and scored now in a child process."""
-    done = _finished_teacher(cfg)
-    if done is not None and _scores_cached(cfg, done):
-        log.info("distill: the teacher is the finished run %s", done)
-        return done
-    teacher_cfg = distill.teacher_config(cfg)
-    log.info("distill: the teacher's round first, in a process of its own, as the run under %s/%s",
-             teacher_cfg.runs_dir, teacher_cfg.name)
+    found, or trained and scored now, in a child process either way."""
     return _in_child_process(cfg, provenance)
-
-
-def _finished_teacher(cfg: Config) -> Path | None:
-    teacher_cfg = distill.teacher_config(cfg)
-    return finished_run(teacher_cfg, run_fingerprint(teacher_cfg, data_mod.data_identity(cfg.data)))
-
-
-def _scores_cached(cfg: Config, teacher_dir: Path) -> bool:
-    path = teacher_dir / distill.SERVED_SCORES_FILE
-    if not path.is_file():
-        return False
-    with np.load(path) as z:
-        return str(z["digest"]) == distill.texts_digest(distill.unlabelled_reviews(cfg))
 
 
 def train_and_score_teacher(cfg: Config, provenance: dict | None = None) -> Path:
     """Train (or resume, or find) the teacher run of `cfg`, then score the unlabelled reviews
     with its served model, cached in its folder; what the child process does."""
-    done = _finished_teacher(cfg)
+    import numpy as np
+
+    from pipeline import data as data_mod
+    from pipeline import distill
+    from pipeline.fingerprint import run_fingerprint
+    from pipeline.runs import NGRAMS_FILE, finished_run
+    from pipeline.train import train
+
+    distill.check_unlabelled(cfg)  # before any training: the student wants them too
+    teacher_cfg = distill.teacher_config(cfg)
+    reviews = distill.unlabelled_reviews(cfg)
+    done = finished_run(teacher_cfg, run_fingerprint(teacher_cfg, data_mod.data_identity(cfg.data)))
+    if done is not None and _scores_cached(done / distill.SERVED_SCORES_FILE, distill.texts_digest(reviews)):
+        log.info("distill: the teacher is the finished run %s", done)
+        return done
     if done is None:
-        done = train(distill.teacher_config(cfg), export=False, provenance=provenance).run_dir
+        log.info("distill: the teacher's round first, in a process of its own, as the run under %s/%s",
+                 teacher_cfg.runs_dir, teacher_cfg.name)
+        done = train(teacher_cfg, export=False, provenance=provenance).run_dir
     from pipeline.ngrams import load
     from pipeline.run_files import load_run  # the served model, only where it is scored
     from pipeline.scoring import blend_logit, score_texts
@@ -85,9 +85,17 @@ def train_and_score_teacher(cfg: Config, provenance: dict | None = None) -> Path
         return z_lstm if branch is None else blend_logit(z_lstm, z_ngram, branch.blend)
 
     branch_file = done / NGRAMS_FILE
-    distill.served_teacher(done, distill.unlabelled_reviews(cfg),
-                           load(branch_file) if branch_file.is_file() else None, logits_of)
+    distill.served_teacher(done, reviews, load(branch_file) if branch_file.is_file() else None, logits_of)
     return done
+
+
+def _scores_cached(path: Path, digest: str) -> bool:
+    import numpy as np
+
+    if not path.is_file():
+        return False
+    with np.load(path) as z:
+        return str(z["digest"]) == digest
 
 
 def _in_child_process(cfg: Config, provenance: dict | None) -> Path:
@@ -108,7 +116,7 @@ def _in_child_process(cfg: Config, provenance: dict | None) -> Path:
         child.join()
         raise
     if not receive.poll():
-        raise data_mod.DataError(f"the teacher's round ended without an answer (exit code "
+        raise DataError(f"the teacher's round ended without an answer (exit code "
                                  f"{child.exitcode}); rerun to resume it")
     ok, value = receive.recv()
     if not ok:
@@ -120,6 +128,7 @@ def _child(cfg_dict: dict, provenance: dict | None, verbose: bool, send) -> None
     setup_logging(verbose)
     handle_stop_signals()
     try:
+        import_tensorflow(verbose)
         send.send((True, str(train_and_score_teacher(Config.model_validate(cfg_dict), provenance))))
     except BaseException as error:  # every failure, interruptions included, goes back
         # TensorFlow may re-raise the interrupt as another error: a stop is a stop.

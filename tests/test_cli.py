@@ -335,3 +335,21 @@ def test_a_test_split_of_one_class_has_no_auc_and_says_so(monkeypatch, capsys):
     assert "auc undefined" in out
     assert "auc: undefined, the test split holds one class (recorded as null)" in out
     assert "confusion (true x pred): bad [0 0]  good [1 2]" in out
+
+
+def test_train_waits_for_a_served_teachers_round_without_tensorflow(imdb_dir, tmp_path):
+    import subprocess
+    import sys
+
+    # The teacher's round, stood in for: it reports what the waiting process has loaded.
+    served = tiny_overrides(imdb_dir, tmp_path) + ["distill.enabled=true", "distill.teacher=served"]
+    overrides = [a for o in served for a in ("--set", o)]
+    code = ("import sys; from pipeline import rounds; from pipeline.cli import main\n"
+            "def child(cfg, provenance):\n"
+            "    print('tensorflow loaded:', 'tensorflow' in sys.modules); sys.exit(0)\n"
+            "rounds._in_child_process = child\n"
+            f"main(['train', *{overrides!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "tensorflow loaded: False"
