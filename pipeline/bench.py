@@ -88,7 +88,7 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"test_accuracy": m["accuracy"], "test_auc": round(m["auc"], 4)}
 
 
-def _throughput(fn, texts: list[str], batch: int) -> float:
+def throughput(fn, texts: list[str], batch: int) -> float:
     fn(texts[:batch])  # warm-up: tracing is not throughput
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch):
@@ -96,7 +96,7 @@ def _throughput(fn, texts: list[str], batch: int) -> float:
     return len(texts) / (time.perf_counter() - t0)
 
 
-def _latency_ms(fn, text: str, repeats: int) -> dict:
+def latency_ms(fn, text: str, repeats: int) -> dict:
     """p50 and p95 of one-review calls, after one warm-up call."""
     fn([text])
     times = []
@@ -210,10 +210,10 @@ def run_bench(cfg: Config, train_examples: int, test_examples: int, epochs: int)
             input_signature=[tf.TensorSpec([None], tf.string)])
         keras_fn = lambda xs: in_memory(tf.constant(xs)).numpy()  # noqa: E731
         timed = texts[:SERVING_TEXTS]
-        saved_rate, keras_rate = _throughput(saved_fn, timed, 256), _throughput(keras_fn, timed, 256)
-        short_ms = _latency_ms(saved_fn, "A wonderful film.", 200)
+        saved_rate, keras_rate = throughput(saved_fn, timed, 256), throughput(keras_fn, timed, 256)
+        short_ms = latency_ms(saved_fn, "A wonderful film.", 200)
         long_review = max(texts, key=len)
-        long_ms = _latency_ms(saved_fn, long_review, 50)
+        long_ms = latency_ms(saved_fn, long_review, 50)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     result["serving"] = {

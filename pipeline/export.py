@@ -96,9 +96,9 @@ def check_texts(raw_test: tf.data.Dataset, n: int = 32) -> list[str]:
     return reviews + ["", "   ", "!!!", "A wonderful, moving film.", "Dull and far too long."]
 
 
-def _serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
-                     cfg: Config, ngram: NgramModel | None = None,
-                     labels: tuple[str, str] = LABELS) -> keras.export.ExportArchive:
+def serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Model,
+                    cfg: Config, ngram: NgramModel | None = None,
+                    labels: tuple[str, str] = LABELS) -> keras.export.ExportArchive:
     # A cuDNN-free, float32 copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
     # that a CPU-only server cannot run, and a mixed-precision model would compute in
     # float16, which CPUs run slowly. Its variables are float32 either way.
@@ -304,7 +304,7 @@ def export_model(vectorizer: keras.layers.TextVectorization, model: keras.Model,
     staged = work / "model"  # what gets published; created with the usual permissions
     try:
         try:
-            _serving_archive(vectorizer, model, cfg, ngram, labels).write_out(str(staged), verbose=False)
+            serving_archive(vectorizer, model, cfg, ngram, labels).write_out(str(staged), verbose=False)
             write_warmup_requests(staged, check_texts[:8], cfg.name)
             write_label_names(staged, labels)
         except (OSError, tf.errors.OpError) as exc:  # disk full, permissions, quota

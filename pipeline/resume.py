@@ -42,6 +42,15 @@ def best_so_far(history: Path, monitor: str) -> float | None:
     return min(values) if monitor.endswith("loss") else max(values)
 
 
+def best_epoch_of(history: Path, monitor: str) -> tuple[int, int | None]:
+    """(epochs in the history, the 1-based epoch with the best monitored value; None if none)."""
+    values = _monitored(history, monitor)
+    if not values:
+        return 0, None
+    best = (np.argmin if monitor.endswith("loss") else np.argmax)(values)
+    return len(values), int(best) + 1
+
+
 def tidy_history(history: Path, epochs_done: int) -> None:
     """Keep one row per completed epoch, dropping the rows of epochs that will be run again.
 

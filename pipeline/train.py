@@ -11,7 +11,7 @@ and export record.
 A rerun of the same config resumes its newest unfinished run (unless `fresh=True`):
 from the last completed epoch while it was training, at the evaluation and export once
 training had finished; which of the two is decided once, when the run opens. Tuned
-hyperparameters arrive already applied to `cfg` (`pipeline.tune.apply_tuned`, called by the
+hyperparameters arrive already applied to `cfg` (`pipeline.tuned.apply_tuned`, called by the
 CLI); `provenance` records where they came from. Distillation's `served` teacher is a run
 of its own, trained before this one by `pipeline.rounds`, which hands its folder in.
 """
@@ -110,18 +110,19 @@ class RunResult:
 
 def train(cfg: Config, fresh: bool = False, export: bool = True,
           provenance: dict | None = None, force: bool = False,
-          teacher_dir: Path | None = None) -> RunResult:
+          teacher_dir: Path | None = None, test: bool = True) -> RunResult:
     """Train, evaluate and export one model for `cfg`; returns the run dir, test metrics and export.
 
-    `provenance`: where tuned hyperparameters came from (`tune.apply_tuned`'s second value);
+    `provenance`: where tuned hyperparameters came from (`tuned.apply_tuned`'s second value);
     required when `cfg.model.tuned_hparams` is set, recorded in run.json. `force`: publish even
     what the release gate refuses. A refused export still finishes the run (its metrics and
     export.json kept) and then raises `GateRefused`. `teacher_dir`: the finished teacher run
     whose served model labels the unlabelled reviews (`distill.teacher: served`), its scores
-    cached in it (`pipeline.rounds.teacher_round`).
+    cached in it (`pipeline.rounds.teacher_round`). `test=False` (a tuning execution) never
+    reads the test split: no test metrics and no export.
     """
     if cfg.model.tuned_hparams and provenance is None:
-        raise ValueError("cfg.model.tuned_hparams is set: resolve it with pipeline.tune.apply_tuned "
+        raise ValueError("cfg.model.tuned_hparams is set: resolve it with pipeline.tuned.apply_tuned "
                          "first and pass its provenance")
     served = cfg.distill.enabled and cfg.distill.teacher == "served"
     if served != (teacher_dir is not None):
@@ -132,12 +133,13 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
     seed_everything(cfg)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     chief = not multi_worker or is_chief()
+    export = export and test
     if export and chief:
         check_writable(cfg)  # an export folder that cannot be written fails now, not after training
 
     # Data: read through (a damaged file is named) before anything is written under runs/.
     raw = data_mod.load_raw(cfg.data, cfg.seed)
-    sizes = data_mod.check_nonempty(raw)
+    sizes = data_mod.check_nonempty(raw, names=("train", "validation", "test")[:3 if test else 2])
     distill.check_unlabelled(cfg)
     log.info("data: %s; training on %s", ", ".join(f"{k} {v}" for k, v in sizes.items()),
              describe(strategy))
@@ -218,12 +220,13 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         # on the reviews as they are served, so every review counts.
         ngram = (ngram_branch(cfg, raw, vectorizer, model, run, teacher, teacher_dir)
                  if cfg.ngrams.enabled else None)
-        log.info("evaluating on %d test reviews", sizes["test"])
-        test_texts, test_labels = data_mod.decoded(raw.test)
-        metrics, served = evaluate_rows(vectorizer, model, test_texts, test_labels,
-                                        cfg.vectorize.max_length, ngram, raw.labels)
-        write_json(run.dir / METRICS_FILE, metrics)
-        result, refused = None, None
+        metrics, result, refused = {}, None, None
+        if test:
+            log.info("evaluating on %d test reviews", sizes["test"])
+            test_texts, test_labels = data_mod.decoded(raw.test)
+            metrics, served = evaluate_rows(vectorizer, model, test_texts, test_labels,
+                                            cfg.vectorize.max_length, ngram, raw.labels)
+            write_json(run.dir / METRICS_FILE, metrics)
         if export:
             try:
                 result = export_model(vectorizer, model, cfg, check_texts(raw.test), ngram, raw.labels,

@@ -124,11 +124,11 @@ def worse_model(trained_run):
 @pytest.fixture(scope="session")
 def worse_export(worse_model, tmp_path_factory) -> Path:
     """worse_model exported as version 1 of its own folder (not published beside trained_run's)."""
-    from pipeline.export import _serving_archive, write_label_names
+    from pipeline.export import serving_archive, write_label_names
 
     cfg, vectorizer, model = worse_model
     path = tmp_path_factory.mktemp("worse") / "tiny" / "1"
-    _serving_archive(vectorizer, model, cfg).write_out(str(path), verbose=False)
+    serving_archive(vectorizer, model, cfg).write_out(str(path), verbose=False)
     write_label_names(path, ("neg", "pos"))
     return path
 

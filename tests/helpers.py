@@ -54,6 +54,15 @@ def write_aclimdb(root: Path, n_train: int = 120, n_test: int = 40, seed: int = 
     return root
 
 
+def add_unlabelled(root: Path, n: int = 60, seed: int = 7) -> Path:
+    """Unlabelled reviews in the tiny aclImdb folder's train/unsup, as aclImdb ships them."""
+    rng = random.Random(seed)
+    (root / "train" / "unsup").mkdir()
+    for i in range(n):
+        (root / "train" / "unsup" / f"{i}_0.txt").write_text(f"unlabelled {i}. " + make_review(rng, i % 2))
+    return root
+
+
 def tiny_overrides(imdb: Path, out: Path) -> list[str]:
     return [
         "name=tiny",

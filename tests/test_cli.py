@@ -345,9 +345,9 @@ def test_train_waits_for_a_served_teachers_round_without_tensorflow(imdb_dir, tm
     served = tiny_overrides(imdb_dir, tmp_path) + ["distill.enabled=true", "distill.teacher=served"]
     overrides = [a for o in served for a in ("--set", o)]
     code = ("import sys; from pipeline import rounds; from pipeline.cli import main\n"
-            "def child(cfg, provenance):\n"
+            "def child(target, args, what):\n"
             "    print('tensorflow loaded:', 'tensorflow' in sys.modules); sys.exit(0)\n"
-            "rounds._in_child_process = child\n"
+            "rounds.run_in_child = child\n"
             f"main(['train', *{overrides!r}])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)

@@ -4,7 +4,6 @@ soft targets, its scores are cached, and a distilling run resumes as an uninterr
 import csv
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pipeline.rounds import train_rounds
 from pipeline.runs import LOCK_FILE
 from pipeline.scoring import ngram_logits
 from pipeline.train import train
-from tests.helpers import StopAt, forbid, make_review, sigmoid, spy, tiny_overrides, write_aclimdb
+from tests.helpers import StopAt, add_unlabelled, forbid, sigmoid, spy, tiny_overrides, write_aclimdb
 
 N_UNSUP = 60
 
@@ -28,12 +27,7 @@ N_UNSUP = 60
 @pytest.fixture(scope="module")
 def unsup_dir(tmp_path_factory) -> Path:
     """The tiny aclImdb folder with unlabelled reviews in train/unsup, as aclImdb ships them."""
-    root = write_aclimdb(tmp_path_factory.mktemp("aclImdb_unsup"), seed=1)
-    rng = random.Random(7)
-    (root / "train" / "unsup").mkdir()
-    for i in range(N_UNSUP):
-        (root / "train" / "unsup" / f"{i}_0.txt").write_text(f"unlabelled {i}. " + make_review(rng, i % 2))
-    return root
+    return add_unlabelled(write_aclimdb(tmp_path_factory.mktemp("aclImdb_unsup"), seed=1), N_UNSUP)
 
 
 def _cfg(root: Path, out: Path, *extra: str):

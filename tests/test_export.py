@@ -292,7 +292,7 @@ def test_failed_write_is_one_line_and_publishes_nothing(trained_run, monkeypatch
             (Path(filepath) / "saved_model.pb").write_bytes(b"half")
             raise failure
 
-    monkeypatch.setattr(pipeline.export, "_serving_archive", lambda *args: FailingArchive())
+    monkeypatch.setattr(pipeline.export, "serving_archive", lambda *args: FailingArchive())
     assert main(["export", "--run", str(result.run_dir), "--set", f"export.dir={cfg.export.dir}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot write the export to {model_dir}: " in err[0]

@@ -23,7 +23,7 @@ import tensorflow as tf
 import pipeline.export
 from pipeline.cli import main
 from pipeline.config import ModelConfig, load_config
-from pipeline.export import _serving_archive, export_model
+from pipeline.export import export_model, serving_archive
 from pipeline.gpu_check import (
     cudnn_forward_count,
     cudnn_ops,
@@ -128,7 +128,7 @@ def test_gpu_training_runs_cudnn_and_its_export_has_none(bidirectional, num_laye
     export_path = tmp_path / "export"
     with simulated_gpu():
         ops = graph_op_types(train_step_graph(model))
-        _serving_archive(vectorizer, model, cfg).write_out(str(export_path), verbose=False)
+        serving_archive(vectorizer, model, cfg).write_out(str(export_path), verbose=False)
 
     # Every LSTM direction trains on cuDNN, gradients included.
     assert cudnn_forward_count(ops) == lstm_directions(model) == num_layers * (1 + bidirectional)
@@ -172,7 +172,7 @@ def test_the_check_sees_cudnn_in_an_export_that_kept_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline.export, "build_model", keeps_cudnn)
     with simulated_gpu():
-        _serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
+        serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
     assert "CudnnRNNV3" in cudnn_ops(saved_model_op_types(tmp_path / "export"))
 
 
@@ -183,7 +183,7 @@ def test_the_check_sees_float16_in_an_export_built_under_mixed_precision(tmp_pat
     vectorizer = make_vectorizer(cfg.vectorize, VOCAB)
     model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
     monkeypatch.setattr(pipeline.export.keras.config, "set_dtype_policy", lambda _: None)  # the regression
-    _serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
+    serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
     assert half_precision_ops(tmp_path / "export")
 
 
