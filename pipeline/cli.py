@@ -17,8 +17,8 @@ from pipeline.process import STDOUT_CLOSED, flush_stdout, handle_stop_signals, r
 INTERRUPT_HINT = ("interrupted: rerun the same command to resume: training from the last completed "
                   "epoch, or at evaluation and export if training had finished (add --fresh to start "
                   "over)")
-TUNE_INTERRUPT_HINT = ("interrupted: rerun the same command to resume; finished trials are kept and the "
-                       "interrupted one is rerun (--fresh starts over)")
+TUNE_INTERRUPT_HINT = ("interrupted: rerun the same command to resume; finished executions are kept and "
+                       "the interrupted one resumes from its last finished epoch (--fresh starts over)")
 
 
 def _interrupted(command: str) -> int:
@@ -66,16 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search the embedding size with KerasTuner (resumable)")
     _config_args(p)
     p.add_argument("--fresh", action="store_true",
-                   help="discard the earlier trials of this config name and search again")
+                   help="discard the earlier executions of this config name and search again")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--chief", metavar="HOST:PORT", type=_address, default=None,
                      help="distributed: serve the search on HOST:PORT (e.g. 0.0.0.0:8000) and hand "
-                          "trials to workers; the chief trains nothing and writes the report")
+                          "executions to workers; the chief trains nothing and writes the report")
     who.add_argument("--worker", metavar="HOST:PORT", type=_address, default=None,
-                     help="distributed: run the trials handed out by the chief at HOST:PORT")
+                     help="distributed: run the executions handed out by the chief at HOST:PORT")
     p.add_argument("--tuner-id", metavar="NAME", default=None,
                    help="this worker's name (required with --worker): unique among the workers and "
-                        "the same on a restart, which then reruns its unfinished trial (e.g. tuner1)")
+                        "the same on a restart, which then resumes its unfinished execution (e.g. tuner1)")
 
     p = sub.add_parser("export", help="export the latest finished run again, without retraining")
     _config_args(p)

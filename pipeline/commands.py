@@ -55,13 +55,15 @@ def _train(args: argparse.Namespace) -> int:
     # round, which trains in a process of its own while this one waits without it.
     from pipeline.rounds import train_rounds
 
-    provenance = None
+    provenance, teacher_of = None, None
     if cfg.model.tuned_hparams:  # resolved before training and handed over as data
-        from pipeline.tune import apply_tuned
+        from pipeline.tuned import apply_tuned
 
+        # The teacher is the untuned config's: the one `make train` caches and the search used.
+        teacher_of = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tuned_hparams": None})})
         cfg, provenance = apply_tuned(cfg)
     result = train_rounds(cfg, fresh=args.fresh, export=not args.no_export, provenance=provenance,
-                          force=args.force)
+                          force=args.force, teacher_of=teacher_of)
     from pipeline.gate import gate_line
 
     if not result.chief:
@@ -183,14 +185,25 @@ def _tune(args: argparse.Namespace) -> int:
     if args.fresh and args.worker:
         raise ConfigError("--fresh: only the chief (or a single process) starts a search over")
     cfg = load_config(args.config, overrides(args))
+    from pipeline.tune_pick import check_tunable
+
+    check_tunable(cfg)  # before the teacher's round, which can take a while
+    teacher_dir = None
+    if not args.chief and cfg.distill.enabled and cfg.distill.teacher == "served":
+        # `make train`'s own teacher, in a process of its own before this one loads TensorFlow:
+        # every execution learns from it, and `make train` reuses it.
+        from pipeline.rounds import teacher_round
+
+        teacher_dir = teacher_round(cfg)
     import_tensorflow(args.verbose)
     from pipeline import tune, tune_report
+    from pipeline.tune_roles import set_role
 
     if args.chief:
-        tune.set_role("chief", *args.chief)
+        set_role("chief", *args.chief)
     elif args.worker:
-        tune.set_role("worker", *args.worker, tuner_id=args.tuner_id)
-    result = tune.run_search(cfg, fresh=args.fresh)
+        set_role("worker", *args.worker, tuner_id=args.tuner_id)
+    result = tune.run_search(cfg, fresh=args.fresh, teacher_dir=teacher_dir)
     print(tune_report.summary(result))
     return 0
 

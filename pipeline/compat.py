@@ -1,8 +1,8 @@
-"""Every patch of Keras and KerasTuner internals, in one place, each guarded.
+"""Every patch of Keras internals, in one place, each guarded.
 
 The pipeline leans on a few private names of its libraries (a multi-worker fix for
 Keras' `fit`, the backup files of `BackupAndRestore`, the loss bookkeeping of Keras' own
-`train_step` that the adversarial step repeats, KerasTuner's oracle bookkeeping).
+`train_step` that the adversarial step repeats). The tuning uses KerasTuner's public API only.
 A private name can vanish in any release, and a patch that assigns to a vanished name
 silently does nothing, so the original failure comes back unannounced. Each patch here
 first checks the library version it was written for and that every name it touches is
@@ -17,7 +17,6 @@ import importlib.metadata
 import inspect
 import types
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 import keras
 import tensorflow as tf
@@ -26,13 +25,9 @@ from packaging.version import Version
 
 from pipeline.errors import PipelineError
 
-if TYPE_CHECKING:  # training imports this module; KerasTuner is needed only to tune
-    import keras_tuner as kt
-
 # The ranges the patches below were written and tested for; widen one only after checking
 # every guard of that library against the new version (tests/test_compat.py).
 KERAS_VERSIONS = ">=3.12,<4"
-KERAS_TUNER_VERSIONS = ">=1.4,<1.5"
 
 
 class CompatError(PipelineError):
@@ -215,29 +210,3 @@ def track_loss(model: keras.Model, loss: tf.Tensor, batch_size: tf.Tensor) -> No
 def add_call_argument(layer: keras.layers.Layer, name: str) -> None:
     """Let a model's call hand the keyword `name` down to `layer` (as Keras does for `training`)."""
     layer._register_call_context_args(name)
-
-
-# --- KerasTuner: the resumable grid oracle ------------------------------------------------------
-
-ORACLE_PATCH = "ResumableGridOracle"
-
-
-def check_tuner_internals() -> None:
-    """The private names of `keras_tuner.Oracle` that the resumable grid oracle reads."""
-    import keras_tuner as kt
-
-    require_version("keras-tuner", KERAS_TUNER_VERSIONS, ORACLE_PATCH)
-    require_attrs(kt.Oracle, ("_duplicate",), ORACLE_PATCH)
-    require_params(kt.Oracle._duplicate, ("values",), ORACLE_PATCH)
-    require_uses(kt.Oracle, "__init__", "_retry_queue", ORACLE_PATCH)  # an attribute set there
-
-
-def is_duplicate(oracle: kt.Oracle, values: dict) -> bool:
-    """Whether `oracle` already has a trial with these hyperparameter values (KerasTuner's own test)."""
-    return oracle._duplicate(values)
-
-
-def retry_queue(oracle: kt.Oracle) -> list:
-    """The trials `oracle` will hand out again first: those cut off by a kill or a Ctrl-C."""
-    require_attrs(oracle, ("_retry_queue",), ORACLE_PATCH)
-    return oracle._retry_queue

@@ -145,38 +145,27 @@ class ExportConfig(_Section):
 
 
 class TuneConfig(_Section):
-    tuner: Literal["grid", "random", "hyperband", "bayesian"] = "grid"  # grid: each candidate once
     embedding_dims: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])  # candidates
-    # Embedding starts to compare, e.g. [random, word2vec]: one curve each. None: model.embedding_init.
-    # Every word2vec candidate starts from vectors of its own size: the leading principal
-    # components of one word2vec run at pretrain.vector_size (default: the largest size).
-    embedding_init: list[Literal["random", "word2vec"]] | None = None
-    lstm_units: list[int] | None = None  # None: not searched
-    dropout: list[float] | None = None  # None: not searched
-    learning_rate: list[float] | None = None  # None: not searched
-    max_trials: int | None = Field(None, gt=0)  # None: the whole grid
-    epochs: int = Field(5, gt=0)  # per trial, with early stopping
-    # Training reviews per trial (the same ones for every trial); None: all. The vocabulary
-    # is still adapted on all of them, as in the final run.
-    max_train_examples: int | None = Field(None, gt=0)
+    # Full trainings per compared size, seeds seed, seed+1, ...: two at least, for a standard error.
+    executions: int = Field(2, ge=2)
+    # one_se: the smallest size whose mean is within one standard error of the best mean
+    # (Breiman's rule); best: the highest mean.
+    pick: Literal["one_se", "best"] = "one_se"
+    # Successive halving: every size first trains this many epochs (BiLSTM alone, one seed), and
+    # only the `keep` best go on to full trainings. None: every size trains in full.
+    screen_epochs: int | None = Field(1, gt=0)
+    keep: int = Field(2, gt=0)  # sizes the screen sends on to full executions
     directory: str = "tuning"  # results go to <directory>/<name>/
 
     @model_validator(mode="after")
     def _candidates(self) -> TuneConfig:
-        for key, ok, what in (("embedding_dims", lambda v: v > 0, "a positive integer"),
-                              ("embedding_init", lambda v: True, ""),
-                              ("lstm_units", lambda v: v > 0, "a positive integer"),
-                              ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-                              ("learning_rate", lambda v: v > 0.0, "positive")):
-            values = getattr(self, key)
-            if values is None:  # only the optional knobs can be null: not searched
-                continue
-            if not values:
-                raise ValueError(f"{key}: must list at least one candidate")
-            if not all(ok(v) for v in values):
-                raise ValueError(f"{key}: every candidate must be {what} (got {values})")
-            if len(set(values)) != len(values):
-                raise ValueError(f"{key}: candidates must be distinct (got {values})")
+        dims = self.embedding_dims
+        if not dims:
+            raise ValueError("embedding_dims: must list at least one candidate")
+        if not all(isinstance(v, int) and v > 0 for v in dims):
+            raise ValueError(f"embedding_dims: every candidate must be a positive integer (got {dims})")
+        if len(set(dims)) != len(dims):
+            raise ValueError(f"embedding_dims: candidates must be distinct (got {dims})")
         return self
 
 

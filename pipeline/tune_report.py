@@ -1,265 +1,239 @@
-"""The tuning report: what a finished search leaves for people to read.
+"""The tuning report: what a finished search leaves for people to read, and for `make train`.
 
-From the oracle's trials it writes `results.csv` / `results.md` / `results.png` (the
-ranked table and its plot), the TensorBoard HParams experiment, the final
-`search.json` and, last, `best_hparams.json`; and the summary `make tune` prints.
-`pipeline/tune.py` runs the search and calls `write_report`; this module knows nothing
-of how trials are trained.
+From the executions' records (`executions/<key>.json`, `.npz`) it writes `results.csv` (one
+row per execution), `results.md` (opening with one plain sentence: which sizes are within
+noise of the best, which are worse and by how much, what was picked), `results.png`
+(accuracy with its standard error against serving cost), the final `search.json` and, last,
+`best_hparams.json`. `pipeline.tune` trains the executions; this module never trains.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import keras_tuner as kt
-import tensorflow as tf
+import numpy as np
 
 from pipeline import atomic
 from pipeline.atomic import atomic_path
 from pipeline.config import Config
 from pipeline.embeddings import neighbours_markdown
 from pipeline.runs import read_json, write_json
+from pipeline.tune_pick import (
+    FULL,
+    RANKED_BY,
+    SCREEN,
+    SizeSummary,
+    best_of,
+    compare,
+    kept_sizes,
+    pick,
+    points,
+    screens,
+    sentence,
+    summarize,
+)
+from pipeline.tuned import BEST_FILE, SEARCH_FILE
 
-# Shared with tune.py, which imports them from here: the report never imports the search.
-OBJECTIVE = "val_accuracy"  # the BiLSTM's alone: what the search ranks by (docs/tuning.md)
-SERVED = "val_served_accuracy"  # the BiLSTM blended with the n-gram branch, at the same epoch
-BEST_FILE = "best_hparams.json"
-SEARCH_FILE = "search.json"
-LOGS_DIR = "logs"
-EMBEDDING_DIR = "embedding"  # logs/<trial>/execution0/embedding: projector files, neighbours.json
-NEIGHBOURS_FILE = "neighbours.json"
+EXECUTIONS_DIR = "executions"
+SERVED = "val_served_accuracy"  # the BiLSTM blended with the run's n-gram branch
+CSV_COLUMNS = ("embedding_dim", "stage", "execution", "seed", "epochs", RANKED_BY, SERVED, "best_epoch",
+               "epochs_run", "trainable_params", "seconds", "run_dir")
 
 
 @dataclass(frozen=True)
 class TuneResult:
     out_dir: Path
     role: str  # single, chief or worker
-    tuner_id: str
-    space: dict[str, list]  # searched name -> candidates
-    rows: list[dict]  # finished trials among the current candidates, best first (empty on a worker)
-    trained: list[dict]  # trials this process ran in this session: trial_id, values, status
-    failed: list[dict]  # trials that failed: trial_id, values, message
-
-    @property
-    def best(self) -> dict | None:
-        return self.rows[0] if self.rows else None
+    session: list[dict]  # executions this process ran: key and status
+    pick: dict | None  # the picked size and the opening sentence (None on a worker or with no pick)
+    sizes: list[dict] | None = None  # per compared size: mean, se, paired comparison, cost
 
 
-def _metric(trial: kt.engine.trial.Trial, name: str) -> float | None:
-    return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
+def execution_records(out: Path, dims: list[int] | None = None) -> list[dict]:
+    """The finished executions' records (of the candidate sizes `dims`, if given)."""
+    records = [json.loads(f.read_text()) for f in sorted((out / EXECUTIONS_DIR).glob("*d-*-*.json"))
+               if not f.name.endswith(".neighbours.json")]
+    records = [r for r in records if dims is None or r["embedding_dim"] in dims]
+    return sorted(records, key=lambda r: (r["stage"] != SCREEN, r["embedding_dim"], r["execution"]))
 
 
-def _in_space(values: dict, space: dict[str, list]) -> bool:
-    names = {k for k in values if not k.startswith("tuner/")}
-    return names == set(space) and all(values[k] in space[k] for k in space)
+def _correct(out: Path, record: dict) -> np.ndarray:
+    with np.load(out / EXECUTIONS_DIR / f"{record['key']}.npz") as z:
+        return (z["lstm"] > 0.5) == z["labels"]
 
 
-def ranked_rows(oracle: kt.Oracle, space: dict[str, list]) -> list[dict]:
-    """One row per finished trial among the current candidates, best first.
-
-    Ranked by val accuracy; a tie goes to the lower val loss, then the smaller model.
-    """
-    rows = []
-    for trial in oracle.trials.values():
-        values = trial.hyperparameters.values
-        if trial.status != "COMPLETED" or not _in_space(values, space):
-            continue
-        row = {name: values[name] for name in space}
-        row |= {
-            "trainable_params": int(_metric(trial, "trainable_params") or 0),
-            OBJECTIVE: _metric(trial, OBJECTIVE),
-            **({SERVED: _metric(trial, SERVED)} if trial.metrics.exists(SERVED) else {}),
-            "val_loss": _metric(trial, "val_loss"),
-            "epochs_run": int(_metric(trial, "epochs_run") or 0),
-            "best_epoch": int(_metric(trial, "best_epoch") or 0),
-            "seconds": round(_metric(trial, "seconds") or 0.0, 1),
-            "trial_id": trial.trial_id,
-        }
-        rows.append(row)
-    rows.sort(key=lambda r: (-r[OBJECTIVE], r["val_loss"], r["trainable_params"]))
-    return [{"rank": i + 1} | r for i, r in enumerate(rows)]
-
-
-def failed_trials(oracle: kt.Oracle) -> list[dict]:
-    out = []
-    for trial in oracle.trials.values():
-        if trial.status in ("FAILED", "INVALID"):
-            lines = (trial.message or "").strip().splitlines()
-            out.append({"trial_id": trial.trial_id, "values": dict(trial.hyperparameters.values),
-                        "message": lines[-1] if lines else "no message"})
+def best_runs(records: list[dict]) -> dict[int, dict]:
+    """Per size, its best execution: a full one when there is one, else its screen."""
+    out: dict[int, dict] = {}
+    for r in sorted(records, key=lambda r: (r["stage"] == FULL, r[RANKED_BY])):
+        out[r["embedding_dim"]] = r
     return out
 
 
-def _fmt(column: str, value) -> str:
-    if value is None:  # e.g. the served figure of a trial from before it was recorded
-        return ""
-    if column in (OBJECTIVE, SERVED, "val_loss"):
-        return f"{value:.4f}"
-    if column == "seconds":
-        return f"{value:.1f}"
-    if column == "trainable_params":
-        return f"{value:,}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict],
+                 costs_of: Callable[[dict[int, str]], dict[int, dict]], who: str = "single") -> TuneResult:
+    """results.csv / .md / .png, search.json and best_hparams.json from the records in `out`.
+
+    `costs_of`: size -> run folder to size -> serving cost (measured by `pipeline.tune`).
+    """
+    records = execution_records(out, list(cfg.tune.embedding_dims))
+    _write_csv(records, out / "results.csv")
+    summaries = summarize(records)
+    info = read_json(out / SEARCH_FILE) | {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "executions": len(records),
+        "this_session": session, "failed": failed}
+    if not summaries:
+        write_json(out / SEARCH_FILE, info | {"status": "no size has two finished full executions"})
+        return TuneResult(out, who, session, None)
+
+    full = {s.dim: [_correct(out, r) for r in records if r["embedding_dim"] == s.dim and r["stage"] == FULL]
+            for s in summaries}
+    best = best_of(summaries)
+    comparisons = compare(full, best.dim)
+    chosen = pick(summaries, cfg.tune.pick)
+    best_of_size = best_runs(records)
+    costs = costs_of({d: r["run_dir"] for d, r in best_of_size.items()})
+    sizes = [_size_row(s, comparisons.get(s.dim), costs.get(s.dim), best_of_size[s.dim])
+             for s in summaries]
+    screen = _screen_rows(cfg, records, costs, best_of_size)
+    dropped = [r["embedding_dim"] for r in screen if not r["kept"]]
+    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped)
+
+    _plot(sizes, chosen.dim, out / "results.png")
+    atomic.write_text(out / "results.md", _markdown(cfg, opening, sizes, screen, records, out, best_of_size))
+    picked = {"embedding_dim": chosen.dim, "mean": chosen.mean, "se": chosen.se, "executions": chosen.n,
+              "rule": cfg.tune.pick, "sentence": opening}
+    write_json(out / SEARCH_FILE, info | {"status": "finished", "pick": picked, "sizes": sizes,
+                                          "screen": screen})
+    # Written last: its presence means the report above is complete.
+    write_json(out / BEST_FILE, {"values": {"embedding_dim": chosen.dim}, "rule": cfg.tune.pick,
+                                 "mean": chosen.mean, "se": chosen.se, "executions": chosen.n,
+                                 "finished": info["finished"],
+                                 "word2vec_vector_size": cfg.pretrain.vector_size,
+                                 "word2vec_seed": cfg.pretrain.seed})
+    return TuneResult(out, who, session, picked, sizes)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    header = [c.replace("_", " ") for c in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(c, r.get(c)) for c in columns) + " |" for r in rows]
+def _write_csv(records: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _size_row(s: SizeSummary, comparison: dict | None, cost: dict | None, best_run: dict) -> dict:
+    return asdict(s) | {"versus_best": comparison, "trainable_params": best_run.get("trainable_params"),
+                        **{k: (cost or {}).get(k) for k in ("export_mb", "reviews_per_s", "latency_ms_p50")}}
+
+
+def _screen_rows(cfg: Config, records: list[dict], costs: dict[int, dict],
+                 best_of_size: dict[int, dict]) -> list[dict]:
+    """The screen's scores, which sizes it kept, and what the dropped ones cost to serve."""
+    if not screens(cfg.tune):
+        return []
+    scores = {r["embedding_dim"]: r[RANKED_BY] for r in records if r["stage"] == SCREEN}
+    kept = kept_sizes(cfg.tune, scores) if len(scores) == len(cfg.tune.embedding_dims) else []
+    return [{"embedding_dim": d, RANKED_BY: scores[d], "kept": d in kept,
+             "trainable_params": best_of_size[d].get("trainable_params"),
+             **{k: costs.get(d, {}).get(k) for k in ("export_mb", "reviews_per_s", "latency_ms_p50")}}
+            for d in sorted(scores)]
+
+
+def _cost_cells(row: dict) -> str:
+    def show(v, fmt):
+        return "" if v is None else format(v, fmt)
+    return (f"{show(row['trainable_params'], ',')} | {show(row['export_mb'], '.1f')} | "
+            f"{show(row['reviews_per_s'], ',.0f')} | {show(row['latency_ms_p50'], '.1f')}")
+
+
+def _versus(c: dict | None) -> str:
+    """A paired difference in points with its interval, or `best`."""
+    return "best" if c is None else f"{points(c['difference'])} [{points(c['low'])}, {points(c['high'])}]"
+
+
+def _markdown(cfg: Config, opening: str, sizes: list[dict], screen: list[dict], records: list[dict],
+              out: Path, best_of_size: dict[int, dict]) -> str:
+    n_val = records[0]["validation_reviews"]
+    lines = [f"# Tuning {cfg.name}: the embedding size", "", opening, "",
+             f"Each size trained as `make train` trains it (the same data, teacher and schedule, up to "
+             f"{cfg.train.epochs} epochs), with seeds {cfg.seed}, {cfg.seed + 1}, ...; scored on the "
+             f"same {n_val:,} validation reviews (never the test split). Mean ± standard error over "
+             "the executions; *versus best*: the paired difference on the same reviews (execution k "
+             "against the best size's execution k), with its 95% bootstrap interval and McNemar's p. "
+             "Serving cost: the exported SavedModel of the size's best execution, on this machine.",
+             "",
+             "| dim | executions | BiLSTM val accuracy | served val accuracy | versus best (points) | p "
+             "| trainable params | export MB | reviews/s (batch 256) | p50 ms, one short review |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in sizes:
+        c = row["versus_best"]
+        versus, p = _versus(c), "" if c is None else f"{c['p']:.2g}"
+        served = "" if row["served_mean"] is None else points(row["served_mean"])
+        mean = f"{points(row['mean'])} ± {points(row['se'])}"
+        cells = [str(row["dim"]), str(row["n"]), mean, served, versus, p, _cost_cells(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if screen:
+        lines += ["", f"**Screen.** Every size first trained {cfg.tune.screen_epochs} epoch(s), seed "
+                  f"{cfg.seed}, the BiLSTM alone; the {cfg.tune.keep} best went on to full executions "
+                  "(successive halving). A dropped size's cost is that of its screen model, without the "
+                  "n-gram branch.", "",
+                  "| dim | screen BiLSTM val accuracy | kept | trainable params | export MB | reviews/s "
+                  "| p50 ms |",
+                  "|---:|---:|:---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['embedding_dim']} | {points(r[RANKED_BY])} | {'yes' if r['kept'] else 'no'} | "
+                  f"{_cost_cells(r)} |" for r in screen]
+    lines += ["", "![BiLSTM validation accuracy, mean ± standard error, against serving throughput]"
+              "(results.png)", "", "Every execution: `results.csv`.", ""]
+    neighbours = {f"{d}-d": read_json(out / EXECUTIONS_DIR / f"{r['key']}.neighbours.json")
+                  for d, r in sorted(best_of_size.items())
+                  if (out / EXECUTIONS_DIR / f"{r['key']}.neighbours.json").is_file()}
+    if neighbours:
+        lines += ["## What each embedding learned", "",
+                  "The five nearest words (cosine) to each probe word in the trained embedding of each "
+                  "size's best execution.", "", neighbours_markdown(neighbours), ""]
     return "\n".join(lines)
 
 
-def trial_embedding_dir(out: Path, trial_id: str) -> Path | None:
-    """A trial's embedding files: logs/<trial>/execution<N>/embedding (KerasTuner's nesting)."""
-    return next(iter(sorted((out / LOGS_DIR / trial_id).glob(f"*/{EMBEDDING_DIR}"))), None)
-
-
-def best_per_size(rows: list[dict]) -> dict[str, dict[int, dict]]:
-    """Embedding init -> embedding dim -> its best row (rows are ranked, so the first wins)."""
-    out: dict[str, dict[int, dict]] = {}
-    for r in rows:
-        out.setdefault(r.get("embedding_init", ""), {}).setdefault(r["embedding_dim"], r)
-    return out
-
-
-def neighbours_section(out: Path, rows: list[dict]) -> str:
-    """Per embedding init, the probe words' nearest neighbours at each size, side by side."""
-    parts = []
-    for init, by_dim in best_per_size(rows).items():
-        columns = {}
-        for dim in sorted(by_dim):
-            folder = trial_embedding_dir(out, by_dim[dim]["trial_id"])
-            if folder is not None and (folder / NEIGHBOURS_FILE).is_file():
-                columns[f"{dim}-d"] = read_json(folder / NEIGHBOURS_FILE)
-        if columns:
-            title = f"### {init} start\n\n" if init else ""
-            parts.append(f"{title}{neighbours_markdown(columns)}")
-    if not parts:
-        return ""
-    return ("## What each embedding learned\n\nThe five nearest words (cosine) to each probe word in "
-            "the trained embedding of the best trial of each size.\n\n" + "\n\n".join(parts) + "\n")
-
-
-def plot_results(rows: list[dict], out_png: Path) -> None:
-    """Val accuracy (one line per embedding init) and trainable parameters against embedding dim."""
+def _plot(sizes: list[dict], chosen: int, path: Path) -> None:
+    """BiLSTM validation accuracy ± one standard error against reviews/s served, one point a size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = best_per_size(rows)
-    params_by_dim = {d: r["trainable_params"] for by_dim in curves.values() for d, r in by_dim.items()}
-    dims = sorted(params_by_dim)
-    params = [params_by_dim[d] for d in dims]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for init, by_dim in curves.items():
-        xs = sorted(by_dim)
-        start = f", {init} start" if init else ""
-        ax.plot(xs, [by_dim[d][OBJECTIVE] for d in xs], "o-", label=f"BiLSTM val accuracy{start}")
-        served = [by_dim[d].get(SERVED) for d in xs]
-        if all(v is not None for v in served):
-            ax.plot(xs, served, "s--", label=f"served (with n-grams) val accuracy{start}")
-    ax.plot([rows[0]["embedding_dim"]], [rows[0][OBJECTIVE]], "*", color="tab:red", markersize=16,
-            label="best")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(dims, [str(d) for d in dims])
-    ax.minorticks_off()
-    ax.set_xlabel("embedding dim")
-    ax.set_ylabel("val accuracy (best epoch)")
+    for row in sizes:
+        x = row["reviews_per_s"] or 0.0
+        picked = {"color": "tab:red", "marker": "*", "markersize": 14}
+        style = picked if row["dim"] == chosen else {"marker": "o"}
+        ax.errorbar([x], [100 * row["mean"]], yerr=[100 * row["se"]], capsize=4, linestyle="none", **style)
+        ax.annotate(f"{row['dim']}-d", (x, 100 * row["mean"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("served reviews/s at batch 256 (higher is cheaper)")
+    ax.set_ylabel("BiLSTM val accuracy, % (mean ± SE)")
+    ax.set_title(f"accuracy against serving cost per embedding size (picked: {chosen}-d)")
     ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    ax2.plot(dims, params, "s--", color="tab:gray", label="trainable params")
-    ax2.set_ylabel("trainable params", color="tab:gray")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
-    ax.set_title("validation accuracy and model size against embedding dim")
     fig.tight_layout()
-    with atomic_path(out_png, suffix=".png") as tmp:  # savefig picks the format by extension
+    with atomic_path(path, suffix=".png") as tmp:  # savefig picks the format by extension
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
-def write_hparams_config(logs: Path, space: dict[str, list]) -> None:
-    """The HParams dashboard's experiment: the searched values and the validation metrics (once)."""
-    if any(logs.glob("events.out.tfevents*")):
-        return
-    from tensorboard.plugins.hparams import api as hp_api
-
-    hparams = [hp_api.HParam(name, hp_api.Discrete(values)) for name, values in space.items()]
-    metrics = [hp_api.Metric("epoch_accuracy", group="validation", display_name="val accuracy"),
-               hp_api.Metric("epoch_loss", group="validation", display_name="val loss")]
-    logs.mkdir(parents=True, exist_ok=True)
-    with tf.summary.create_file_writer(str(logs)).as_default():
-        hp_api.hparams_config(hparams=hparams, metrics=metrics)
-
-
-def write_report(cfg: Config, oracle: kt.Oracle, result: TuneResult) -> None:
-    """results.csv / .md / .png, best_hparams.json, search.json and the HParams experiment."""
-    out, rows = result.out_dir, result.rows
-    info = read_json(out / SEARCH_FILE)
-    info |= {"status": "finished", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "space": result.space, "epochs_per_trial": cfg.tune.epochs,
-             "trials": {"finished": len(rows), "failed": len(result.failed),
-                        "all": len(oracle.trials), "this_session": len(result.trained)},
-             "failed": result.failed, "best": result.best}
-    write_json(out / SEARCH_FILE, info)
-    write_hparams_config(out / LOGS_DIR, result.space)
-    if not rows:
-        return
-    with atomic_path(out / "results.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    best = result.best
-    chosen = ", ".join(f"{k}={best[k]}" for k in result.space)
-    space_text = "; ".join(f"{k} {v}" for k, v in result.space.items())
-    atomic.write_text(out / "results.md",
-        f"# Tuning {cfg.name}\n\n"
-        f"{cfg.tune.tuner} search over {space_text}. Objective: val accuracy on the validation "
-        f"split (never the test split), best epoch of each trial; up to {cfg.tune.epochs} epochs "
-        f"per trial with early stopping (patience {cfg.train.early_stopping_patience}). Ties go to "
-        "the lower val loss, then the smaller model. Seconds: the trial's `fit`.\n\n"
-        f"{markdown_table(rows)}\n\n"
-        f"Best: **{chosen}** (trial {best['trial_id']}), saved to `{BEST_FILE}`; "
-        "`make train TUNED=latest` trains with it.\n\n"
-        "![validation accuracy and trainable parameters against embedding size](results.png)\n\n"
-        f"{neighbours_section(out, rows)}{projector_line(out, best)}")
-    plot_results(rows, out / "results.png")
-    # Written last: its presence means the report above is complete.
-    hps = oracle.trials[best["trial_id"]].hyperparameters
-    write_json(out / BEST_FILE, hps.get_config())
-
-
-def projector_line(out: Path, best: dict) -> str:
-    folder = trial_embedding_dir(out, best["trial_id"])
-    if folder is None:
-        return ""
-    return (f"\nThe best trial's embedding in TensorBoard's Embedding Projector: "
-            f"`tensorboard --logdir {folder}` (Projector tab).\n")
-
-
 def summary(result: TuneResult) -> str:
-    """What a person reads at the end: the table, the best value, where the files are."""
+    """What a person reads at the end: the sentence, the sizes, where the files are."""
+    out = result.out_dir
     if result.role == "worker":
-        ran = ", ".join(f"trial {t['trial_id']} {t['values']} {t['status']}" for t in result.trained)
-        return (f"{result.tuner_id}: ran {len(result.trained)} trial(s){': ' + ran if ran else ''}; "
+        ran = ", ".join(f"{t['key']} {t['status']}" for t in result.session)
+        return (f"ran {len(result.session)} execution(s){': ' + ran if ran else ''}; "
                 "the chief writes the report")
-    out, best = result.out_dir, result.best
-    chosen = ", ".join(f"{k}={best[k]}" for k in result.space)
-    counts = f"{len(result.rows)} finished trial(s), " + (
-        "run by the workers" if result.role == "chief" else f"{len(result.trained)} trained in this session")
-    if result.failed:
-        counts += f", {len(result.failed)} failed (see {out / SEARCH_FILE})"
-    lines = [
-        "", markdown_table(result.rows), "", counts,
-        f"best: {chosen}  val_accuracy {best[OBJECTIVE]:.4f}  val_loss {best['val_loss']:.4f}  "
-        f"{best['trainable_params']:,} trainable params (trial {best['trial_id']})",
-        f"report: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}",
-        f"best hyperparameters: {out / BEST_FILE}  (make train TUNED=latest)",
-        f"TensorBoard HParams: tensorboard --logdir {out / LOGS_DIR}",
-    ]
+    lines = ["", result.pick["sentence"], ""]
+    for row in result.sizes:
+        lines.append(f"  {row['dim']:>4}-d  {points(row['mean'])} ± {points(row['se'])}  "
+                     f"versus best {_versus(row['versus_best'])}  ({row['n']} executions)")
+    lines += ["", f"report: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}",
+              f"picked: {out / BEST_FILE}  (make train TUNED=latest)"]
     return "\n".join(lines)

@@ -1,7 +1,6 @@
 import importlib.metadata
 
 import keras
-import keras_tuner as kt
 import pytest
 from keras.src.backend.tensorflow import trainer as tf_trainer
 from keras.src.losses import loss as loss_module
@@ -11,7 +10,7 @@ from packaging.version import Version
 from pipeline import compat
 from pipeline.errors import PipelineError
 
-GUARDS = [compat.check_multi_worker_internals, compat.check_backup_internals, compat.check_tuner_internals,
+GUARDS = [compat.check_multi_worker_internals, compat.check_backup_internals,
           compat.check_train_step_internals]
 
 
@@ -30,7 +29,6 @@ def _pretend_installed(monkeypatch, dist: str, version: str) -> None:
     (compat.check_multi_worker_internals, "keras", "4.0.0"),
     (compat.check_multi_worker_internals, "keras", "3.11.3"),
     (compat.check_backup_internals, "keras", "4.1.0"),
-    (compat.check_tuner_internals, "keras-tuner", "1.5.0"),
     (compat.check_train_step_internals, "keras", "4.0.0"),
 ])
 def test_a_version_outside_the_range_is_refused_by_name(monkeypatch, guard, dist, version):
@@ -49,7 +47,6 @@ def test_the_installed_versions_are_the_real_ones():
     (compat.check_multi_worker_internals, tf_trainer.TensorFlowTrainer, "_maybe_symbolic_build"),
     (compat.check_backup_internals, keras.callbacks.BackupAndRestore, "_save_model"),
     (compat.check_backup_internals, keras.callbacks.BackupAndRestore, "_load_model"),
-    (compat.check_tuner_internals, kt.Oracle, "_duplicate"),
     (compat.check_train_step_internals, Trainer, "_compute_loss"),
     (compat.check_train_step_internals, keras.layers.Layer, "_register_call_context_args"),
     (compat.check_train_step_internals, loss_module, "unscale_loss_for_distribution"),
@@ -84,18 +81,6 @@ def test_an_override_keras_no_longer_calls_is_refused(monkeypatch):
     unused = r"BackupAndRestore.on_epoch_end\(\) no longer uses `_save_model`"
     with pytest.raises(compat.CompatError, match=unused):
         compat.check_backup_internals()
-
-
-def test_the_oracle_helpers_read_keras_tuners_state():
-    space = kt.HyperParameters()
-    space.Choice("embedding_dim", [8, 16])
-    oracle = kt.Oracle(objective="val_accuracy", max_trials=2, hyperparameters=space)
-    assert compat.retry_queue(oracle) == []
-    assert compat.retry_queue(oracle) is oracle._retry_queue
-    assert not compat.is_duplicate(oracle, {"embedding_dim": 8})
-    del oracle._retry_queue
-    with pytest.raises(compat.CompatError, match="_retry_queue no longer exists"):
-        compat.retry_queue(oracle)
 
 
 def test_a_compat_error_is_a_one_line_pipeline_error(monkeypatch):

@@ -77,7 +77,7 @@ BAD = [
     ("distribute:\n  strategy: tpu_pod\n", "distribute.strategy"),
     ("data:\n  source: directory\n", "data.directory"),
     ("tune:\n  embedding_dims: []\n", "tune.embedding_dims"),
-    ("tune:\n  tuner: annealing\n", "tune.tuner"),
+    ("tune:\n  pick: annealing\n", "tune.pick"),
     ("tune:\n  embedding_dims: [16, 32.5]\n", "tune.embedding_dims"),
     ("colour: blue\n", "colour"),
     ("- just\n- a list\n", "top level"),

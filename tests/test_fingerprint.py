@@ -21,7 +21,7 @@ def test_fingerprint_is_short_and_ignores_key_order():
 
 
 @pytest.mark.parametrize("volatile", [
-    "runs_dir=elsewhere", "export.dir=elsewhere", "train.verbose=2", "tune.epochs=9",
+    "runs_dir=elsewhere", "export.dir=elsewhere", "train.verbose=2", "tune.keep=4",
     "tune.directory=elsewhere", "pretrain.workers=7", "pretrain.directory=elsewhere",
     "model.tuned_hparams=latest",
 ])

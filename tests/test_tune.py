@@ -1,241 +1,237 @@
-"""Tuning on tiny data: the grid, the report against KerasTuner's own records, the hand-off to
-training, resume after an interruption, chief/worker tuning, and bad tuning configs."""
+"""Tuning: the plan, the pick and its statistics, the oracle's order and resume, and on tiny
+data the whole search: one row per execution, the report, the hand-off to training, a
+search repeated with one seed, resume mid-execution, and chief/worker tuning."""
 
 import csv
 import json
-import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import keras_tuner as kt
 import numpy as np
 import pytest
 import yaml
 
-from pipeline import tune, tune_report
+from pipeline import rounds, tune
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.model import build_model, model_kwargs
-from tests.helpers import ctrl_c_inside_tensorflow, tiny_overrides
+from pipeline.tune_pick import (
+    FULL,
+    SCREEN,
+    Execution,
+    compare,
+    kept_sizes,
+    pick,
+    planned,
+    sentence,
+    summarize,
+)
+from pipeline.tuned import TuneError, apply_tuned
+from tests.helpers import StopAt, add_unlabelled, tiny_overrides, write_aclimdb
 
 ROOT = Path(__file__).resolve().parents[1]
-DIMS = [4, 8]
+DIMS = [4, 8, 12]
 
 
 def _tune_overrides(imdb: Path, out: Path, dims: list[int] = DIMS) -> list[str]:
     # model.embedding_dim=6 is in no candidate list, so a model of dim 6 was not tuned.
-    # One direction and one batch shape keep each trial's graph small: these tests are about
-    # the search, not the model.
-    return tiny_overrides(imdb, out) + [f"tune.embedding_dims=[{','.join(map(str, dims))}]",
-                                        "tune.epochs=1", "model.embedding_dim=6",
-                                        "model.bidirectional=false", "train.bucket_by_length=false",
-                                        "ngrams.enabled=true"]  # as the default config ships
+    # One direction and one batch shape keep each execution small: these tests are about the
+    # search, not the model. The served teacher and the n-gram branch, as the default ships.
+    return tiny_overrides(imdb, out) + [
+        f"tune.embedding_dims=[{','.join(map(str, dims))}]", "tune.keep=2", "tune.executions=2",
+        "tune.screen_epochs=1", "train.epochs=2", "model.embedding_dim=6", "model.bidirectional=false",
+        "train.bucket_by_length=false", "ngrams.enabled=true", "distill.enabled=true",
+        "distill.teacher=served", f"pretrain.directory={out / 'pretrained'}"]
 
 
 def _set_args(overrides: list[str]) -> list[str]:
     return [a for item in overrides for a in ("--set", item)]
 
 
-def _oracle_trials(out: Path) -> dict[str, kt.engine.trial.Trial]:
-    """KerasTuner's own record of each trial, as its oracle saved it."""
-    trials = [kt.engine.trial.Trial.load(str(f)) for f in (out / "project").glob("trial_*/trial.json")]
-    return {t.trial_id: t for t in trials}
+def _rows(out: Path) -> list[dict]:
+    with (out / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _in_this_process(target, args, what):
+    """`rounds.run_in_child` without the child: the same call, faster, and patchable."""
+    return target(*args)
 
 
 @pytest.fixture(scope="module")
-def searched(imdb_dir, tmp_path_factory):
-    """One finished grid search over DIMS, counting how often the data is prepared."""
-    out = tmp_path_factory.mktemp("tune")
-    cfg = load_config(None, _tune_overrides(imdb_dir, out))
-    calls = {"adapt": 0, "vectorize": 0}
-
-    def counting(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tune, "adapt_vectorizer", counting("adapt", tune.adapt_vectorizer))
-        mp.setattr(tune, "vectorize_cached", counting("vectorize", tune.vectorize_cached))
-        result = tune.run_search(cfg)
-    return cfg, result, calls
+def unlabelled_imdb(tmp_path_factory) -> Path:
+    return add_unlabelled(write_aclimdb(tmp_path_factory.mktemp("aclImdb_tune")))
 
 
-def test_grid_tries_every_candidate_once_on_shared_data(searched):
-    cfg, result, calls = searched
-    trials = _oracle_trials(tune.output_dir(cfg))
-    assert sorted(t.hyperparameters.values["embedding_dim"] for t in trials.values()) == DIMS
-    assert all(t.status == "COMPLETED" for t in trials.values())
-    assert sorted(t["trial_id"] for t in result.trained) == sorted(trials)
-    # The vocabulary is adapted once and train/validation tokenized and cached once, for all trials.
-    assert calls == {"adapt": 1, "vectorize": 2}
-    for row in result.rows:
-        assert 1 <= row["epochs_run"] <= cfg.tune.epochs
+# --- the plan and the pick, on figures made up to sit either side of the rule ---------------------
 
 
-def test_every_trial_gets_the_same_batches(imdb_dir, tmp_path):
-    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path))
-    make_train, val_ds, vocabulary, sizes, _ = tune.prepare_data(cfg, tune.make_strategy(cfg.distribute))
-    vocab_size = len(vocabulary)
-    first, second = ([y.numpy().tolist() for _, y in make_train()] for _ in range(2))
-    assert first == second and sum(map(len, first)) == sizes["train"]
-    assert sizes == {"train": 90, "validation": 30} and vocab_size <= cfg.vectorize.max_tokens
+def _cfg(tmp_path, *extra):
+    return load_config(None, [f"tune.directory={tmp_path}", *extra])
 
 
-def test_report_agrees_with_the_tuner_records(searched):
-    cfg, result, _ = searched
-    out = tune.output_dir(cfg)
-    trials = _oracle_trials(out)
-    with (out / "results.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["rank"]) for r in rows] == [1, 2]
-    assert sorted(int(r["embedding_dim"]) for r in rows) == DIMS
-    for row in rows:
-        trial = trials[row["trial_id"]]
-        assert int(row["embedding_dim"]) == trial.hyperparameters.values["embedding_dim"]
-        assert float(row["val_accuracy"]) == pytest.approx(trial.score)
-        for key in ("val_loss", "trainable_params", "epochs_run", "seconds", tune_report.SERVED):
-            assert float(row[key]) == pytest.approx(trial.metrics.get_last_value(key), abs=0.05)
-        assert 0.5 <= float(row[tune_report.SERVED]) <= 1.0  # the n-grams alone read this tiny data
-    # The parameter count is that of the plain builder's model with that embedding size.
-    vocab = json.loads((out / "search.json").read_text())["vocabulary_size"]
-    for row in rows:
-        model = build_model(vocab, **model_kwargs(cfg.model) | {"embedding_dim": int(row["embedding_dim"])})
-        assert int(row["trainable_params"]) == tune.trainable_params(model)
-    # The best is the top row and has the best score the oracle recorded.
-    best = json.loads((out / "best_hparams.json").read_text())
-    hps = kt.HyperParameters.from_config(best)  # KerasTuner's own form
-    assert hps.values["embedding_dim"] == int(rows[0]["embedding_dim"])
-    assert trials[rows[0]["trial_id"]].score == max(t.score for t in trials.values())
-    assert result.best["trial_id"] == rows[0]["trial_id"]
-    md = (out / "results.md").read_text()
-    results_table = md.split("## What each embedding learned")[0]
-    assert results_table.count("\n| ") == 3 and f"embedding_dim={rows[0]['embedding_dim']}" in md
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    # TensorBoard: one log dir per trial with its HParams session, and the experiment at the top.
-    for trial_id in trials:
-        assert any((out / "logs" / trial_id).rglob("events.out.tfevents*"))
-    assert any((out / "logs").glob("events.out.tfevents*"))
-    text = tune_report.summary(result)
-    assert f"best: embedding_dim={rows[0]['embedding_dim']}" in text and "best_hparams.json" in text
+def test_the_screen_comes_first_and_decides_the_full_executions(tmp_path):
+    tune_cfg = _cfg(tmp_path, "tune.embedding_dims=[16,32,64]", "tune.keep=2", "tune.executions=2").tune
+    screen = [Execution(d, 0, SCREEN) for d in (16, 32, 64)]
+    assert planned(tune_cfg, {}) == screen
+    assert planned(tune_cfg, {16: 0.8, 32: 0.9}) == screen  # 64 not screened yet: no full stage
+    plan = planned(tune_cfg, {16: 0.85, 32: 0.80, 64: 0.85})  # a tie goes to the smaller size
+    assert plan[3:] == [Execution(16, 0, FULL), Execution(64, 0, FULL),
+                        Execution(16, 1, FULL), Execution(64, 1, FULL)]
+    # No screen when it would drop nothing, or when it is switched off.
+    for extra in ("tune.keep=3", "tune.screen_epochs=null"):
+        no_screen = _cfg(tmp_path, "tune.embedding_dims=[16,32,64]", extra).tune
+        assert {e.stage for e in planned(no_screen, {})} == {FULL} and len(planned(no_screen, {})) == 6
 
 
-def test_rerun_trains_nothing_again(searched):
-    cfg, result, _ = searched
-    trials = tune.output_dir(cfg) / "project"
-    before = {f: f.stat().st_mtime_ns for f in trials.glob("trial_*/*")}
-    again = tune.run_search(cfg)
-    assert again.trained == []
-    assert [r["trial_id"] for r in again.rows] == [r["trial_id"] for r in result.rows]
-    assert {f: f.stat().st_mtime_ns for f in trials.glob("trial_*/*")} == before
+def test_a_size_whose_screen_failed_is_not_kept(tmp_path):
+    tune_cfg = _cfg(tmp_path, "tune.embedding_dims=[16,32,64]", "tune.keep=2").tune
+    scores = {16: 0.7, 32: None, 64: 0.6}
+    assert kept_sizes(tune_cfg, scores) == [16, 64]
+    assert {e.dim for e in planned(tune_cfg, scores) if e.stage == FULL} == {16, 64}
 
 
-@pytest.mark.slow
-def test_training_uses_the_tuned_values(searched, imdb_dir, tmp_path, capsys):
-    cfg, result, _ = searched
-    best_file = tune.output_dir(cfg) / "best_hparams.json"
-    best_dim = result.best["embedding_dim"]
-    overrides = _tune_overrides(imdb_dir, tmp_path) + ["train.epochs=1"]
-    assert main(["train", "--no-export", "--tuned", str(best_file)] + _set_args(overrides)) == 0
-    (run,) = (tmp_path / "runs" / "tiny").iterdir()
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["embedding_dim"] == best_dim != 6
-    assert saved["model"]["tuned_hparams"] == str(best_file)
-    source = json.loads((run / "run.json").read_text())["hyperparameters_from"]
-    assert source["source"] == "tuning" and source["file"] == str(best_file)
-    assert source["values"] == {"embedding_dim": best_dim}
-    assert source["search"]["trial_id"] == result.best["trial_id"]
+def _full(scores: dict[int, list[float]]) -> list[dict]:
+    return [{"embedding_dim": d, "stage": FULL, "execution": k, "val_accuracy": v}
+            for d, vs in scores.items() for k, v in enumerate(vs)]
+
+
+def test_one_se_picks_the_smaller_of_two_sizes_within_noise():
+    # 64-d: mean 0.888, SE 0.004; 16-d's mean 0.885 is within one SE of it.
+    summaries = summarize(_full({16: [0.880, 0.890], 64: [0.884, 0.892]}))
+    assert [(s.dim, s.n) for s in summaries] == [(16, 2), (64, 2)]
+    assert summaries[1].mean == pytest.approx(0.888) and summaries[1].se == pytest.approx(0.004)
+    assert pick(summaries, "one_se").dim == 16
+    assert pick(summaries, "best").dim == 64
+
+
+def test_one_se_picks_the_better_of_two_sizes_apart():
+    summaries = summarize(_full({16: [0.850, 0.852], 64: [0.890, 0.892]}))
+    assert pick(summaries, "one_se").dim == 64 == pick(summaries, "best").dim
+
+
+def test_a_size_with_one_full_execution_has_no_standard_error_and_is_left_out():
+    assert [s.dim for s in summarize(_full({16: [0.85], 64: [0.89, 0.88]}))] == [64]
+
+
+def test_the_paired_comparison_pairs_executions_of_the_same_seed():
+    rng = np.random.default_rng(0)
+    best = [rng.random(2000) < 0.9, rng.random(2000) < 0.9]
+    # 16-d is wrong wherever the best is, and on 10% more of the reviews besides.
+    worse = [b & (rng.random(2000) > 0.1) for b in best]
+    c = compare({64: best, 16: worse, 32: [b.copy() for b in best]}, best=64)
+    assert set(c) == {16, 32}
+    expected = np.mean(np.concatenate(worse)) - np.mean(np.concatenate(best))
+    assert c[16]["difference"] == pytest.approx(expected) and c[16]["rows"] == 4000
+    assert c[16]["low"] < expected < c[16]["high"] < 0 and c[16]["p"] < 1e-10
+    assert (c[32]["low"], c[32]["high"], c[32]["p"]) == (0.0, 0.0, 1.0)  # the same answers: no difference
+
+
+def test_the_opening_sentence_says_what_is_within_noise_what_is_worse_and_what_was_picked():
+    summaries = summarize(_full({16: [0.850, 0.852], 64: [0.886, 0.894], 128: [0.889, 0.893]}))
+    comparisons = {16: {"low": -0.045, "high": -0.030}, 128: {"low": -0.01, "high": 0.01}}
+    text = sentence(summaries, pick(summaries, "one_se"), "one_se", comparisons, dropped=[32])
+    assert text == ("64-d and 128-d are within one standard error of the best (128-d, 89.1 ± 0.2% BiLSTM "
+                    "validation accuracy); 16-d is worse by 4.0 ± 0.2 points (paired 95% interval -4.5 to "
+                    "-3.0); 32-d fell behind in the screen. Picked 64-d as the smallest size within one "
+                    "standard error of the best.")
+
+
+def test_an_execution_trains_make_trains_config_at_its_size_and_seed(tmp_path):
+    cfg = tune.search_config(_cfg(tmp_path, "tune.embedding_dims=[16,64]", "model.embedding_init=word2vec",
+                                  "seed=7"))
+    assert cfg.pretrain.vector_size == 64 and cfg.pretrain.seed == 7  # one start for every seed
+    full = tune.execution_config(cfg, Execution(16, 1, FULL))
+    assert (full.name, full.seed, full.model.embedding_dim, full.pretrain.seed) == ("imdb_lstm-16d", 8, 16, 7)
+    assert full.train == cfg.train and full.ngrams == cfg.ngrams and full.distill == cfg.distill
+    assert full.runs_dir == str(tmp_path / cfg.name / "runs")
+    screen = tune.execution_config(cfg, Execution(16, 0, SCREEN))
+    assert screen.train.epochs == cfg.tune.screen_epochs and not screen.ngrams.enabled
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["model.embedding_init=file", "model.embedding_file=v.txt"], "model.embedding_init"),
+    (["model.embedding_init=word2vec", "pretrain.vector_size=32", "tune.embedding_dims=[16,64]"],
+     "pretrain.vector_size: 32-d word2vec vectors cannot start the 64-d"),
+])
+def test_a_start_that_does_not_come_in_every_size_is_refused_up_front(tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        tune.search_config(_cfg(tmp_path, *extra))
+
+
+# --- the oracle: the plan's order, and a search cut off and reloaded -------------------------------
+
+
+def _drive(oracle, tuner_id: str, score) -> Execution:
+    trial = oracle.create_trial(tuner_id)
+    ex = Execution.of(trial.hyperparameters.values)
+    oracle.update_trial(trial.trial_id, {"val_accuracy": score(ex)})
+    trial.status = "COMPLETED"
+    oracle.end_trial(trial)
+    return ex
+
+
+def test_the_oracle_hands_out_the_plan_and_a_reloaded_one_reruns_the_cut_off_execution(tmp_path):
+    cfg = _cfg(tmp_path, "tune.embedding_dims=[4,8,12]", "tune.keep=2", "tune.executions=2")
+
+    def score(ex):
+        return {4: 0.6, 8: 0.8, 12: 0.7}[ex.dim]
+
+    oracle = tune.ExecutionOracle(cfg)
+    oracle._set_project_dir(str(tmp_path), "project")
+    ran = [_drive(oracle, "a", score).key for _ in range(4)]
+    assert ran == ["4d-screen-0", "8d-screen-0", "12d-screen-0", "8d-full-0"]
+    cut_off = oracle.create_trial("a")  # a kill while it trains: saved as RUNNING
+    assert Execution.of(cut_off.hyperparameters.values).key == "12d-full-0"
+
+    reloaded = tune.ExecutionOracle(cfg)
+    reloaded._set_project_dir(str(tmp_path), "project")
+    reloaded.reload()
+    rest = [_drive(reloaded, "a", score).key for _ in range(3)]
+    assert rest == ["12d-full-0", "8d-full-1", "12d-full-1"]  # the cut-off one first, the same trial
+    assert reloaded.create_trial("a").status == "STOPPED"
+    assert sorted(t.status for t in reloaded.trials.values()) == ["COMPLETED"] * 7
+
+
+# --- the hand-off ----------------------------------------------------------------------------------
+
+
+def test_apply_tuned_sets_the_size_and_the_search_vectors_and_says_where_they_came_from(tmp_path):
+    best = tmp_path / "best_hparams.json"
+    best.write_text(json.dumps({"values": {"embedding_dim": 64}, "rule": "one_se", "mean": 0.9, "se": 0.002,
+                                "executions": 2, "word2vec_vector_size": 256, "word2vec_seed": 42}))
+    cfg = load_config(None, [f"model.tuned_hparams={tmp_path}", "model.embedding_init=word2vec"])
+    tuned, provenance = apply_tuned(cfg)
+    assert (tuned.model.embedding_dim, tuned.pretrain.vector_size, tuned.pretrain.seed) == (64, 256, 42)
+    assert provenance["values"] == {"embedding_dim": 64} and provenance["file"] == str(best)
+    assert provenance["search"]["rule"] == "one_se" and provenance["search"]["executions"] == 2
+
+
+def test_apply_tuned_without_a_result_or_with_a_foreign_file_says_so(tmp_path):
+    with pytest.raises(TuneError, match="no tuning result at"):
+        apply_tuned(load_config(None, [f"model.tuned_hparams={tmp_path / 'none.json'}"]))
+    (tmp_path / "x.json").write_text('{"space": []}')
+    with pytest.raises(ConfigError, match="is not a best_hparams.json"):
+        apply_tuned(load_config(None, [f"model.tuned_hparams={tmp_path / 'x.json'}"]))
 
 
 def test_tuned_latest_without_a_tuning_is_an_error(imdb_dir, tmp_path, capsys):
-    overrides = _tune_overrides(imdb_dir, tmp_path) + ["model.tuned_hparams=latest"]
+    overrides = tiny_overrides(imdb_dir, tmp_path) + ["model.tuned_hparams=latest"]
     assert main(["train", "--no-export"] + _set_args(overrides)) == 1
     assert "no tuning result" in capsys.readouterr().err
 
 
-def test_changed_settings_need_fresh(searched, imdb_dir):
-    cfg, _, _ = searched
-    out = Path(cfg.tune.directory).parent
-    changed = load_config(None, _tune_overrides(imdb_dir, out) + ["model.lstm_units=9"])
-    with pytest.raises(ConfigError, match="--fresh"):
-        tune.run_search(changed)
-
-
-@pytest.mark.slow
-def test_interrupted_search_resumes_and_extends(searched, imdb_dir, tmp_path, monkeypatch, capsys, caplog,
-                                                default_sigint):
-    """A copy of the finished search, one more candidate listed, Ctrl-C during its trial (landing
-    where TensorFlow re-raises it as a RuntimeError, which KerasTuner would take for a failed
-    trial): the rerun trains that candidate only; the finished trials are kept as they were."""
-    cfg, _, _ = searched
-    out = tmp_path / "tuning" / "tiny"
-    shutil.copytree(tune.output_dir(cfg), out)
-    finished = {f: f.read_text() for f in out.glob("project/trial_*/trial.json")}
-    fit = tune.EmbeddingHyperModel.fit
-
-    def interrupted(self, hp, model, *args, **kwargs):
-        if hp.values["embedding_dim"] == 16:
-            ctrl_c_inside_tensorflow(monkeypatch)
-        return fit(self, hp, model, *args, **kwargs)
-
-    extended = _set_args(_tune_overrides(imdb_dir, tmp_path, DIMS + [16]))
-    monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", interrupted)
-    assert main(["tune"] + extended) == 130
-    assert "rerun the same command to resume" in capsys.readouterr().err
-    statuses = {t.hyperparameters.values["embedding_dim"]: t.status for t in _oracle_trials(out).values()}
-    assert statuses == {4: "COMPLETED", 8: "COMPLETED", 16: "RUNNING"}
-
-    monkeypatch.setattr(tune.EmbeddingHyperModel, "fit", fit)
-    monkeypatch.setattr(tune_report, "summary", lambda r: json.dumps(r.trained))  # what this session ran
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.tune"):
-        assert main(["tune"] + extended) == 0
-    assert "2 finished trial(s) kept, 1 trial(s) to run" in caplog.text  # the interrupted one
-    ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [t["values"] for t in ran] == [{"embedding_dim": 16}]
-    trials = _oracle_trials(out)
-    assert sorted(t.hyperparameters.values["embedding_dim"] for t in trials.values()) == [4, 8, 16]
-    assert all(t.status == "COMPLETED" for t in trials.values())
-    assert {f: f.read_text() for f in finished} == finished
-    with (out / "results.csv").open() as f:
-        assert sorted(int(r["embedding_dim"]) for r in csv.DictReader(f)) == [4, 8, 16]
-
-    # --fresh starts over: the earlier trials and the report are gone.
-    tune.prepare_output(load_config(None, _tune_overrides(imdb_dir, tmp_path)), out, fresh=True)
-    assert not (out / "project").exists() and not (out / "best_hparams.json").exists()
-
-
-@pytest.mark.parametrize("kind,oracle", [
-    ("random", kt.oracles.RandomSearchOracle),
-    ("bayesian", kt.oracles.BayesianOptimizationOracle),
-    ("hyperband", kt.oracles.HyperbandOracle),
-])
-def test_other_tuners_search_the_same_space(kind, oracle, imdb_dir, tmp_path):
-    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [
-        f"tune.tuner={kind}", "tune.lstm_units=[8,16]", "tune.dropout=[0.0,0.2]"])
-    hypermodel = tune.EmbeddingHyperModel(cfg, cfg.vectorize.max_tokens)
-    tuner = tune.make_tuner(cfg, hypermodel, tmp_path / "t", None)
-    assert isinstance(tuner.oracle, oracle)
-    assert {p.name: list(p.values) for p in tuner.oracle.hyperparameters.space} == {
-        "embedding_dim": DIMS, "lstm_units": [8, 16], "dropout": [0.0, 0.2]}
-    if kind != "hyperband":
-        assert tuner.oracle.max_trials == 8  # the grid's size when tune.max_trials is unset
-
-
 @pytest.mark.parametrize("override,key", [
     ("tune.embedding_dims=[]", "tune.embedding_dims"),
-    ("tune.tuner=annealing", "tune.tuner"),
     ("tune.embedding_dims=[16,32.5]", "tune.embedding_dims"),
-    ("tune.embedding_dims=[16,'big']", "tune.embedding_dims"),
-    ("tune.lstm_units=[]", "tune.lstm_units"),
-    ("tune.dropout=[0.2,1.5]", "tune.dropout"),
+    ("tune.embedding_dims=[16,16]", "tune.embedding_dims"),
+    ("tune.executions=1", "tune.executions"),
+    ("tune.pick=worst", "tune.pick"),
+    ("tune.keep=0", "tune.keep"),
 ])
 def test_bad_tuning_config_exits_2_naming_the_key(override, key, tmp_path, capsys):
     assert main(["tune", "--set", f"tune.directory={tmp_path / 'tuning'}", "--set", override]) == 2
@@ -247,6 +243,148 @@ def test_bad_tuning_config_exits_2_naming_the_key(override, key, tmp_path, capsy
 def test_worker_needs_a_tuner_id(capsys):
     assert main(["tune", "--worker", "127.0.0.1:8000"]) == 2
     assert "--tuner-id" in capsys.readouterr().err
+
+
+# --- the whole search on tiny data ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def searched(unlabelled_imdb, tmp_path_factory):
+    """One finished search as `make tune` runs it: every execution in a process of its own."""
+    out = tmp_path_factory.mktemp("tune")
+    overrides = _tune_overrides(unlabelled_imdb, out)
+    assert main(["tune"] + _set_args(overrides)) == 0
+    cfg = load_config(None, overrides)
+    return cfg, tune.search_config(cfg), out
+
+
+@pytest.mark.slow
+def test_every_execution_is_a_row_and_the_report_follows_from_them(searched, capsys):
+    cfg, search_cfg, out = searched
+    folder = out / "tuning" / cfg.name
+    rows = _rows(folder)
+    (teacher,) = (out / "runs" / f"{cfg.name}-teacher").iterdir()  # one, make train's own, for all
+    assert [(int(r["embedding_dim"]), r["stage"], int(r["execution"]), int(r["seed"])) for r in rows] == [
+        (4, "screen", 0, 42), (8, "screen", 0, 42), (12, "screen", 0, 42),
+        *[(d, "full", k, 42 + k) for d in kept(rows) for k in (0, 1)]]
+    for r in rows:  # each row is its run's: trained at that size and seed, the test split never read
+        run = Path(r["run_dir"])
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert (saved["model"]["embedding_dim"], saved["seed"]) == (int(r["embedding_dim"]), int(r["seed"]))
+        assert saved["train"]["epochs"] == (1 if r["stage"] == "screen" else 2)
+        assert not (run / "metrics.json").exists()
+        assert json.loads((run / "run.json").read_text())["distill"]["from"] == str(teacher)
+        key = f"{int(r['embedding_dim'])}d-{r['stage']}-{r['execution']}"
+        with np.load(folder / "executions" / f"{key}.npz") as z:
+            assert float(r["val_accuracy"]) == pytest.approx(np.mean((z["lstm"] > 0.5) == z["labels"]))
+            assert ("served" in z) == (r["stage"] == "full")
+    search = json.loads((folder / "search.json").read_text())
+    for size in search["sizes"]:
+        scores = [float(r["val_accuracy"]) for r in rows
+                  if r["stage"] == "full" and int(r["embedding_dim"]) == size["dim"]]
+        assert size["mean"] == pytest.approx(np.mean(scores)) and size["se"] == pytest.approx(
+            np.std(scores, ddof=1) / np.sqrt(2))
+        assert size["reviews_per_s"] > 0 and size["export_mb"] > 0 and size["latency_ms_p50"] > 0
+    best = json.loads((folder / "best_hparams.json").read_text())
+    assert best["values"]["embedding_dim"] == search["pick"]["embedding_dim"] in kept(rows)
+    md = (folder / "results.md").read_text()
+    assert md.splitlines()[2] == search["pick"]["sentence"]
+    assert (folder / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def kept(rows: list[dict]) -> list[int]:
+    return sorted({int(r["embedding_dim"]) for r in rows if r["stage"] == "full"})
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_nothing_again_and_training_takes_the_pick(searched, unlabelled_imdb, monkeypatch,
+                                                                   capsys):
+    cfg, _, out = searched
+    folder = out / "tuning" / cfg.name
+    before = {f: f.stat().st_mtime_ns for f in (folder / "runs").rglob("run.json")}
+    monkeypatch.setattr(tune, "run_in_child", _in_this_process)
+    monkeypatch.setattr(tune, "run_execution", lambda *a: pytest.fail("an execution trained again"))
+    assert main(["tune"] + _set_args(_tune_overrides(unlabelled_imdb, out))) == 0
+    assert {f: f.stat().st_mtime_ns for f in (folder / "runs").rglob("run.json")} == before
+    picked = json.loads((folder / "best_hparams.json").read_text())["values"]["embedding_dim"]
+
+    overrides = _tune_overrides(unlabelled_imdb, out)
+    teachers = sorted((out / "runs" / f"{cfg.name}-teacher").iterdir())
+    assert main(["train", "--no-export", "--tuned", "latest"] + _set_args(overrides)) == 0
+    assert sorted((out / "runs" / f"{cfg.name}-teacher").iterdir()) == teachers  # the search's teacher
+    (run,) = (out / "runs" / cfg.name).iterdir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["embedding_dim"] == picked != 6
+    source = json.loads((run / "run.json").read_text())["hyperparameters_from"]
+    assert source["source"] == "tuning" and source["values"] == {"embedding_dim": picked}
+
+
+@pytest.mark.slow
+def test_two_searches_with_one_seed_give_identical_results(searched, unlabelled_imdb, tmp_path,
+                                                             monkeypatch):
+    cfg, _, out = searched
+    monkeypatch.setattr(tune, "run_in_child", _in_this_process)
+    monkeypatch.setattr(rounds, "run_in_child", _in_this_process)
+    monkeypatch.setattr(tune, "costs_of", lambda run_dirs: {})  # what serving costs is timed, not repeated
+    assert main(["tune"] + _set_args(_tune_overrides(unlabelled_imdb, tmp_path))) == 0
+    first, again = _rows(out / "tuning" / cfg.name), _rows(tmp_path / "tuning" / cfg.name)
+    columns = ("embedding_dim", "stage", "execution", "seed", "val_accuracy", "val_served_accuracy",
+               "best_epoch", "trainable_params")
+    assert [[r[c] for c in columns] for r in again] == [[r[c] for c in columns] for r in first]
+    for f in sorted((out / "tuning" / cfg.name / "executions").glob("*.npz")):
+        with np.load(f) as a, np.load(tmp_path / "tuning" / cfg.name / "executions" / f.name) as b:
+            assert np.array_equal(a["lstm"], b["lstm"])
+
+
+@pytest.mark.slow
+def test_a_search_cut_off_mid_execution_resumes_it_from_its_last_epoch(unlabelled_imdb, tmp_path,
+                                                                      monkeypatch, capsys):
+    from pipeline import train as train_mod
+
+    overrides = _tune_overrides(unlabelled_imdb, tmp_path, dims=[4, 8]) + ["tune.keep=2", "train.epochs=3"]
+    monkeypatch.setattr(tune, "run_in_child", _in_this_process)
+    monkeypatch.setattr(rounds, "run_in_child", _in_this_process)
+    monkeypatch.setattr(tune, "costs_of", lambda run_dirs: {})
+    callbacks = train_mod.make_callbacks
+
+    def ctrl_c_in_the_second_epoch_of_8d_seed_43(cfg, run_dir):
+        stop = [StopAt(1)] if cfg.model.embedding_dim == 8 and cfg.seed == 43 else []
+        return callbacks(cfg, run_dir) + stop
+
+    monkeypatch.setattr(train_mod, "make_callbacks", ctrl_c_in_the_second_epoch_of_8d_seed_43)
+    assert main(["tune"] + _set_args(overrides)) == 130
+    folder = tmp_path / "tuning" / "tiny"
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    done = {f: f.stat().st_mtime_ns for f in (folder / "executions").glob("*-?.json")}
+    assert sorted(f.stem for f in done) == ["4d-full-0", "4d-full-1", "8d-full-0"]
+
+    monkeypatch.setattr(train_mod, "make_callbacks", callbacks)
+    assert main(["tune"] + _set_args(overrides)) == 0
+    assert {f: f.stat().st_mtime_ns for f in done} == done  # the finished ones were not trained again
+    (resumed,) = (folder / "runs" / "tiny-8d").glob(f"*-{_fingerprint_of(folder, '8d-full-1')}")
+    assert json.loads((resumed / "run.json").read_text())["started_at_epoch"] == 2
+    assert len(_rows(folder)) == 4
+
+
+def _fingerprint_of(folder: Path, key: str) -> str:
+    return json.loads((folder / "executions" / f"{key}.json").read_text())["run_dir"].rsplit("-", 1)[1]
+
+
+def test_changed_settings_need_fresh(tmp_path):
+    cfg = _cfg(tmp_path, "model.embedding_init=random")
+    out = tune.output_dir(cfg)
+    tune.prepare_output(cfg, out, fresh=False)
+    (out / "project").mkdir()
+    changed = _cfg(tmp_path, "model.embedding_init=random", "model.lstm_units=9")
+    with pytest.raises(ConfigError, match="--fresh"):
+        tune.prepare_output(changed, out, fresh=False)
+    more = _cfg(tmp_path, "model.embedding_init=random", "tune.executions=3", "tune.embedding_dims=[8,16]")
+    tune.prepare_output(more, out, fresh=False)  # more executions or sizes extend the search
+    tune.prepare_output(changed, out, fresh=True)
+    assert not (out / "project").exists()
+
+
+# --- chief and workers --------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -267,11 +405,11 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
-    """Every candidate is trained exactly once across the workers; the chief reports the best."""
-    dims = [4, 8]
+def test_chief_and_two_workers_share_the_executions(imdb_dir, tmp_path):
+    """Every execution is trained exactly once across the workers; the chief writes the report."""
+    overrides = _tune_overrides(imdb_dir, tmp_path, dims=[4, 8]) + ["distill.enabled=false"]
     port = _free_port()
-    args = [sys.executable, "-m", "pipeline", "tune"] + _set_args(_tune_overrides(imdb_dir, tmp_path, dims))
+    args = [sys.executable, "-m", "pipeline", "tune"] + _set_args(overrides)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     procs: dict[str, subprocess.Popen] = {}
@@ -287,7 +425,7 @@ def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
         _wait_for_port(port, chief, timeout=120)
         for name in ("tuner1", "tuner2"):
             start(name, ["--worker", f"127.0.0.1:{port}", "--tuner-id", name])
-        chief.wait(timeout=300)  # it returns once every worker has been told the search is over
+        chief.wait(timeout=400)  # it returns once every worker has been told the search is over
         for name in ("tuner1", "tuner2"):
             procs[name].wait(timeout=60)
     finally:
@@ -300,106 +438,10 @@ def test_chief_and_two_workers_share_the_grid(imdb_dir, tmp_path):
         assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{logs[name][-3000:]}"
 
     out = tmp_path / "tuning" / "tiny"
-    ran = {name: json.loads((out / "workers" / f"{name}.json").read_text())["trained"]
-           for name in ("tuner1", "tuner2")}
-    tried = sorted(t["values"]["embedding_dim"] for trials in ran.values() for t in trials)
-    assert tried == dims, ran
-    assert all(t["status"] == "COMPLETED" for trials in ran.values() for t in trials)
-    trials = _oracle_trials(out)  # the chief's oracle wrote these
-    assert sorted(t.hyperparameters.values["embedding_dim"] for t in trials.values()) == dims
-    best = json.loads((out / "best_hparams.json").read_text())["values"]["embedding_dim"]
-    with (out / "results.csv").open() as f:
-        top = next(csv.DictReader(f))
-    assert int(top["embedding_dim"]) == best
-    assert trials[top["trial_id"]].score == max(t.score for t in trials.values())
-    assert f"best: embedding_dim={best}" in logs["chief"]
-
-
-@pytest.mark.slow
-def test_one_search_compares_random_and_word2vec_starts_per_size(imdb_dir, tmp_path):
-    from gensim.models import KeyedVectors
-
-    from pipeline.pretrain import word2vec_for_size
-
-    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [
-        "tune.embedding_init=[random,word2vec]", "tune.max_train_examples=40",
-        f"pretrain.directory={tmp_path / 'pre'}", "pretrain.min_count=1", "pretrain.epochs=1"])
-    result = tune.run_search(cfg)
-    assert sorted((r["embedding_init"], r["embedding_dim"]) for r in result.rows) == [
-        ("random", 4), ("random", 8), ("word2vec", 4), ("word2vec", 8)]
-    out = tune.output_dir(cfg)
-    search = json.loads((out / "search.json").read_text())
-    assert search["word2vec_vector_size"] == 8  # one word2vec run, at the largest size
-    assert search["data_sizes"]["train_per_trial"] == 40
-    # Each word2vec candidate started from vectors of its own size: 8-d as trained, 4-d reduced.
-    searched_cfg = tune.with_search_vectors(cfg)
-    hypermodel = tune.EmbeddingHyperModel(searched_cfg, 0)
-    hypermodel.vocabulary = ["", "[UNK]", "great", "awful"]
-    kv4 = KeyedVectors.load(str(word2vec_for_size(searched_cfg, 4)))
-    np.testing.assert_allclose(hypermodel.pretrained_matrix("word2vec", 4)[2], kv4["great"])
-    assert hypermodel.pretrained_matrix("random", 4) is None
-    # What each trial's embedding learned: projector files and probe-word neighbours.
-    for row in result.rows:
-        folder = tune_report.trial_embedding_dir(out, row["trial_id"])
-        neighbours = json.loads((folder / "neighbours.json").read_text())
-        assert {"excellent", "awful", "boring"} <= set(neighbours)  # probes in the tiny vocabulary
-        assert all(len(v) == 5 for v in neighbours.values())
-        assert (folder / "projector_config.pbtxt").is_file()
-    # The report: one row per (init, size), the neighbour tables side by side, the best projector.
-    md = (out / "results.md").read_text()
-    assert "### random start" in md and "### word2vec start" in md
-    assert "| word | 4-d | 8-d |" in md and "| **awful** |" in md
-    assert f"tensorboard --logdir {tune_report.trial_embedding_dir(out, result.best['trial_id'])}" in md
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    # The hand-off: the chosen start, and for word2vec the vectors it was scored with.
-    best = result.best
-    d = cfg.to_dict()
-    d["model"]["tuned_hparams"] = str(out / "best_hparams.json")
-    tuned, provenance = tune.apply_tuned(load_config(None, []).model_validate(d))
-    assert tuned.model.embedding_init == best["embedding_init"]
-    assert tuned.model.embedding_dim == best["embedding_dim"]
-    assert provenance["values"]["embedding_init"] == best["embedding_init"]
-    if best["embedding_init"] == "word2vec":
-        assert tuned.pretrain.vector_size == 8
-
-
-@pytest.mark.parametrize("init", ["file"])
-def test_a_fixed_size_start_needs_a_searched_init(init, imdb_dir, tmp_path):
-    extra = [f"model.embedding_file={tmp_path / 'v.txt'}"] if init == "file" else []
-    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [f"model.embedding_init={init}"] + extra)
-    with pytest.raises(ConfigError, match="tune.embedding_init"):
-        tune.check_tunable(cfg)
-    ok = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"embedding_init": ["random"]})})
-    tune.check_tunable(ok)
-
-
-def test_word2vec_vectors_smaller_than_a_candidate_are_refused_up_front(imdb_dir, tmp_path):
-    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path) + [
-        "tune.embedding_init=[word2vec]", "pretrain.vector_size=4"])  # DIMS go up to 8
-    with pytest.raises(ConfigError, match="pretrain.vector_size: 4-d word2vec vectors cannot start the 8-d"):
-        tune.check_tunable(cfg)
-
-
-def test_the_served_validation_accuracy_is_the_blend_of_the_bilstm_and_the_ngrams(imdb_dir, tmp_path):
-    from pipeline.data import decoded, load_raw
-    from pipeline.scoring import fit_blend
-    from pipeline.vectorize import texts_to_padded_ids
-
-    cfg = load_config(None, _tune_overrides(imdb_dir, tmp_path))
-    raw = load_raw(cfg.data, cfg.seed)
-    vectorizer = tune.adapt_vectorizer(cfg.vectorize, raw.train)
-    served = tune.served_validation(cfg, vectorizer, raw, raw.train)
-    model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model))
-    served.set_model(model)
-    logs = {}
-    served.on_epoch_end(0, logs)
-    # the same figure from Keras' own predictions, turned back into logits
-    texts, labels = decoded(raw.validation)
-    ids = texts_to_padded_ids(vectorizer, np.array(texts), cfg.vectorize.max_length)
-    p = np.clip(model.predict(ids, verbose=0).ravel().astype(np.float64), 1e-7, 1 - 1e-7)
-    z_lstm = np.log(p / (1 - p))
-    a, b, c = fit_blend(z_lstm, served.ngram_logits, labels)
-    expected = np.mean(((a * z_lstm + b * served.ngram_logits + c) > 0) == labels)
-    assert logs[tune_report.SERVED] == pytest.approx(expected, abs=1 / len(labels))
-    assert tune.served_validation(cfg.model_copy(update={"ngrams": cfg.ngrams.model_copy(
-        update={"enabled": False})}), vectorizer, raw, raw.train) is None
+    ran = [e for name in ("tuner1", "tuner2")
+           for e in json.loads((out / "workers" / f"{name}.json").read_text())["ran"]]
+    assert sorted(e["key"] for e in ran) == ["4d-full-0", "4d-full-1", "8d-full-0", "8d-full-1"]
+    assert all(e["status"] == "COMPLETED" for e in ran)
+    assert len(_rows(out)) == 4
+    picked = json.loads((out / "best_hparams.json").read_text())["values"]["embedding_dim"]
+    assert f"Picked {picked}-d" in logs["chief"]
