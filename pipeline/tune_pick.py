@@ -158,16 +158,24 @@ def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
     by how much, which the screen dropped, and what was picked by which rule."""
     best = best_of(summaries)
     within = [s.dim for s in summaries if s.mean >= best.mean - best.se]
-    worse = [s for s in summaries if s.dim not in within]
-    parts = [f"{_dims(within)} {'is' if len(within) == 1 else 'are'} within one standard error of "
-             f"the best ({best.dim}-d, {points(best.mean)} ± {points(best.se)}% BiLSTM validation "
-             "accuracy)"]
-    for s in worse:
+    accuracy = f"{points(best.mean)} ± {points(best.se)}% BiLSTM validation accuracy"
+    if within == [best.dim]:
+        parts = [f"{best.dim}-d is the best ({accuracy})"]
+    else:
+        parts = [f"{_dims(within)} are within one standard error of the best ({best.dim}-d, {accuracy})"]
+    for s in summaries:
+        if s.dim in within:
+            continue
+        gap = f"by {points(best.mean - s.mean)} ± {points(math.hypot(best.se, s.se))} points"
         c = comparisons.get(s.dim)
-        interval = (f" (paired 95% interval {points(c['low'])} to {points(c['high'])})"
-                    if c is not None else "")
-        parts.append(f"{s.dim}-d is worse by {points(best.mean - s.mean)} ± "
-                     f"{points(math.hypot(best.se, s.se))} points{interval}")
+        if c is None:
+            parts.append(f"{s.dim}-d is lower {gap}")
+        elif c["high"] < 0:  # the paired interval excludes no difference
+            parts.append(f"{s.dim}-d is worse {gap} (paired 95% interval {points(c['low'])} to "
+                         f"{points(c['high'])})")
+        else:
+            parts.append(f"{s.dim}-d is lower {gap}, within noise review by review (paired 95% "
+                         f"interval {points(c['low'])} to {points(c['high'])})")
     if dropped:
         parts.append(f"{_dims(list(dropped))} fell behind in the screen")
     how = ("as the smallest size within one standard error of the best" if rule == "one_se"

@@ -232,8 +232,10 @@ def summary(result: TuneResult) -> str:
                 "the chief writes the report")
     lines = ["", result.pick["sentence"], ""]
     for row in result.sizes:
-        lines.append(f"  {row['dim']:>4}-d  {points(row['mean'])} ± {points(row['se'])}  "
-                     f"versus best {_versus(row['versus_best'])}  ({row['n']} executions)")
+        c = row["versus_best"]
+        versus = "the best" if c is None else f"versus the best {_versus(c)}"
+        lines.append(f"  {row['dim']:>4}-d  {points(row['mean'])} ± {points(row['se'])}  {versus}  "
+                     f"({row['n']} executions)")
     lines += ["", f"report: {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}",
               f"picked: {out / BEST_FILE}  (make train TUNED=latest)"]
     return "\n".join(lines)

@@ -139,6 +139,12 @@ def test_the_opening_sentence_says_what_is_within_noise_what_is_worse_and_what_w
                     "validation accuracy); 16-d is worse by 4.0 ± 0.2 points (paired 95% interval -4.5 to "
                     "-3.0); 32-d fell behind in the screen. Picked 64-d as the smallest size within one "
                     "standard error of the best.")
+    # A lower mean whose paired interval holds no difference is not called worse; a best alone is the best.
+    apart = summarize(_full({16: [0.80, 0.84], 64: [0.86, 0.87]}))
+    text = sentence(apart, pick(apart, "one_se"), "best", {16: {"low": -0.05, "high": 0.002}})
+    assert text == ("64-d is the best (86.5 ± 0.5% BiLSTM validation accuracy); 16-d is lower by 4.5 ± 2.1 "
+                    "points, within noise review by review (paired 95% interval -5.0 to 0.2). Picked 64-d as "
+                    "the highest mean.")
 
 
 def test_an_execution_trains_make_trains_config_at_its_size_and_seed(tmp_path):
