@@ -47,6 +47,10 @@ def train_rounds(cfg: Config, fresh: bool = False, export: bool = True,
     import_tensorflow(is_verbose())
     from pipeline.train import train
 
+    if provenance and provenance.get("source") == "tuning" and not fresh:
+        from pipeline.tuned import adopt_search_run
+
+        adopt_search_run(cfg, provenance, teacher_dir)  # the pick's own training in the search, if it had it
     return train(cfg, fresh=fresh, export=export, provenance=provenance, force=force,
                  teacher_dir=teacher_dir)
 

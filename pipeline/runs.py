@@ -204,18 +204,46 @@ def open_run(cfg: Config, fp: str, fresh: bool) -> Run:
     """
     root = Path(cfg.runs_dir) / cfg.name
     with _FolderLock(root):  # a concurrent start sees this run's record once it has the lock
-        if not fresh:
-            for run_dir in sorted(root.glob(f"[!.]*-{fp}"), reverse=True):  # not worker temps
-                if read_json(run_dir / RUN_FILE).get("status") in RESUMABLE:
-                    return _hold(run_dir, True, fp)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = root / f"{stamp}-{fp}"
-        suffix = 1
-        while run_dir.exists():  # two runs started in the same second
-            run_dir = root / f"{stamp}.{suffix}-{fp}"
-            suffix += 1
+        if not fresh and (run_dir := resumable_run(cfg, fp)) is not None:
+            return _hold(run_dir, True, fp)
+        run_dir = _new_run_dir(root, fp)
         run_dir.mkdir()
         return _hold(run_dir, False, fp)
+
+
+def resumable_run(cfg: Config, fp: str) -> Path | None:
+    """The newest run of fingerprint `fp` that a rerun resumes (running or trained), if any."""
+    for run_dir in sorted((Path(cfg.runs_dir) / cfg.name).glob(f"[!.]*-{fp}"), reverse=True):
+        if read_json(run_dir / RUN_FILE).get("status") in RESUMABLE:  # not worker temps
+            return run_dir
+    return None
+
+
+def _new_run_dir(root: Path, fp: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = root / f"{stamp}-{fp}"
+    suffix = 1
+    while run_dir.exists():  # two runs started in the same second
+        run_dir = root / f"{stamp}.{suffix}-{fp}"
+        suffix += 1
+    return run_dir
+
+
+def adopt_run(source: Path, cfg: Config, fp: str, **record) -> Path:
+    """A copy of the finished run `source` as a run of `cfg` with fingerprint `fp`, marked
+    `trained`, so that a rerun of `cfg` resumes it at its evaluation; `record` joins its
+    run.json. Copied under a hidden name and renamed: a kill leaves no half run behind."""
+    root = Path(cfg.runs_dir) / cfg.name
+    with _FolderLock(root):
+        run_dir = _new_run_dir(root, fp)
+        tmp = root / f".adopting-{fp}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LOCK_FILE, BACKUP_DIR, METRICS_FILE,
+                                                                   EXPORT_FILE))
+        write_json(tmp / RUN_FILE, read_json(tmp / RUN_FILE) | record | {"status": "trained",
+                                                                         "fingerprint": fp})
+        tmp.rename(run_dir)
+    return run_dir
 
 
 def open_worker_run(cfg: Config, fp: str, task: str, fresh: bool) -> Run:

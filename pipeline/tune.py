@@ -59,9 +59,9 @@ def search_config(cfg: Config) -> Config:
     check_tunable(cfg)
     init, size = cfg.model.embedding_init, cfg.pretrain.vector_size
     d = cfg.to_dict()
-    if init == "word2vec" and not size:
-        d["pretrain"]["vector_size"] = max(cfg.tune.embedding_dims)
-    d["pretrain"]["seed"] = word2vec_seed(cfg)  # one start for every seed of the search
+    if init == "word2vec":
+        d["pretrain"]["vector_size"] = size or max(cfg.tune.embedding_dims)
+        d["pretrain"]["seed"] = word2vec_seed(cfg)  # one start for every seed of the search
     return from_dict(d)
 
 

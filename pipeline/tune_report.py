@@ -37,9 +37,8 @@ from pipeline.tune_pick import (
     sentence,
     summarize,
 )
-from pipeline.tuned import BEST_FILE, SEARCH_FILE
+from pipeline.tuned import BEST_FILE, EXECUTIONS_DIR, SEARCH_FILE
 
-EXECUTIONS_DIR = "executions"
 SERVED = "val_served_accuracy"  # the BiLSTM blended with the run's n-gram branch
 CSV_COLUMNS = ("embedding_dim", "stage", "execution", "seed", "epochs", RANKED_BY, SERVED, "best_epoch",
                "epochs_run", "trainable_params", "seconds", "run_dir")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
+import time
 from pathlib import Path
 
 from pipeline.config import Config, from_dict
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 
 BEST_FILE = "best_hparams.json"  # written last by a finished search: its presence means finished
 SEARCH_FILE = "search.json"
+EXECUTIONS_DIR = "executions"  # beside BEST_FILE: one record per execution, with its run folder
 TUNED_KEYS = ("embedding_dim",)  # the model.* keys a search hands over
 
 
@@ -65,3 +68,38 @@ def apply_tuned(cfg: Config) -> tuple[Config, dict]:
                   "search": {k: best.get(k) for k in ("rule", "finished", "mean", "se", "executions")}}
     log.info("hyperparameters from %s: %s", path, ", ".join(f"{k}={v}" for k, v in values.items()))
     return from_dict(d), provenance
+
+
+def adopt_search_run(cfg: Config, provenance: dict, teacher_dir: Path | None) -> Path | None:
+    """Where the search already trained this very run, a copy of it under `runs/`, marked
+    trained: `train(cfg)` then evaluates and exports it instead of training it again.
+
+    "This very run": an execution of the picked size with `cfg.seed` whose fingerprint is the
+    one `cfg` has, but for the execution's name (the same config, start and data), taught by
+    the same served teacher run `teacher_dir`, if any. None where the search holds none, or
+    where a run of `cfg` is already under way (it resumes). Needs TensorFlow loaded (the
+    data's identity).
+    """
+    from pipeline import data as data_mod
+    from pipeline.fingerprint import run_fingerprint
+    from pipeline.runs import RUN_FILE, adopt_run, code_commit, read_json, resumable_run
+
+    identity = data_mod.data_identity(cfg.data)
+    fp = run_fingerprint(cfg, identity)
+    if resumable_run(cfg, fp) is not None:
+        return None
+    for path in sorted((Path(provenance["file"]).parent / EXECUTIONS_DIR).glob("*d-full-*.json")):
+        record = {} if path.name.endswith(".neighbours.json") else read_json(path)
+        if (record.get("embedding_dim"), record.get("seed")) != (cfg.model.embedding_dim, cfg.seed):
+            continue
+        source = Path(record["run_dir"])
+        run = read_json(source / RUN_FILE)
+        same = run.get("fingerprint") == run_fingerprint(cfg.model_copy(update={"name": source.parent.name}),
+                                                          identity)
+        same_teacher = teacher_dir is None or run.get("distill", {}).get("from") == str(teacher_dir)
+        if run.get("status") == "finished" and same and same_teacher:
+            log.info("the search trained this run already (%s): evaluating and exporting it, "
+                     "not training it again (--fresh trains it anew)", source)
+            return adopt_run(source, cfg, fp, adopted_from=str(source), commit=code_commit(),
+                             command=sys.argv[1:], created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return None

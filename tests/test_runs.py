@@ -24,6 +24,7 @@ from pipeline.data import DataError
 from pipeline.runs import (
     DirLock,
     RunBusyError,
+    adopt_run,
     open_run,
 )
 from pipeline.train import train
@@ -74,6 +75,26 @@ def test_open_run_resumes_running_and_trained_runs_only(tiny_cfg):
         assert fresh.dir != newer.dir and not fresh.resumed
     with open_run(tiny_cfg, "0123456789", fresh=False) as other:  # another config
         assert not other.resumed
+
+
+def test_an_adopted_run_is_a_copy_marked_trained_that_a_rerun_resumes(tiny_cfg, tmp_path):
+    source_cfg = tiny_cfg.model_copy(update={"name": "searched", "runs_dir": str(tmp_path / "search")})
+    with open_run(source_cfg, "aaaaaaaaaa", fresh=False) as searched:
+        (searched.dir / "history.csv").write_text("epoch,val_accuracy\n0,0.5\n")
+        (searched.dir / "backup").mkdir()
+        searched.update(status="finished", trainable_params=7)
+    fp = fp_of(tiny_cfg)
+    adopted = adopt_run(searched.dir, tiny_cfg, fp, adopted_from=str(searched.dir))
+    assert adopted.parent == Path(tiny_cfg.runs_dir) / tiny_cfg.name and adopted.name.endswith(fp)
+    record = json.loads((adopted / "run.json").read_text())
+    assert (record["status"], record["fingerprint"], record["adopted_from"], record["trainable_params"]) == (
+        "trained", fp, str(searched.dir), 7)
+    assert (adopted / "history.csv").read_text() == (searched.dir / "history.csv").read_text()
+    assert not (adopted / "backup").exists() and not (adopted / ".lock").exists()
+    assert json.loads((searched.dir / "run.json").read_text())["status"] == "finished"  # untouched
+    assert [p.name for p in adopted.parent.iterdir()] == [adopted.name]  # no temp folder left
+    with open_run(tiny_cfg, fp, fresh=False) as run:
+        assert (run.dir, run.resumed, run.status) == (adopted, True, "trained")
 
 
 def test_pipeline_error_marks_a_training_run_failed_but_not_a_trained_one(tiny_cfg):

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline import rounds, tune
+from pipeline import train as train_mod
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -316,13 +317,26 @@ def test_a_rerun_trains_nothing_again_and_training_takes_the_pick(searched, unla
 
     overrides = _tune_overrides(unlabelled_imdb, out)
     teachers = sorted((out / "runs" / f"{cfg.name}-teacher").iterdir())
+    # The search trained the pick with this seed already: make train evaluates that run, and
+    # fits nothing.
+    monkeypatch.setattr(train_mod, "fit", lambda *a: pytest.fail("the searched run trained again"))
     assert main(["train", "--no-export", "--tuned", "latest"] + _set_args(overrides)) == 0
     assert sorted((out / "runs" / f"{cfg.name}-teacher").iterdir()) == teachers  # the search's teacher
     (run,) = (out / "runs" / cfg.name).iterdir()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["embedding_dim"] == picked != 6
-    source = json.loads((run / "run.json").read_text())["hyperparameters_from"]
+    record = json.loads((run / "run.json").read_text())
+    source = record["hyperparameters_from"]
     assert source["source"] == "tuning" and source["values"] == {"embedding_dim": picked}
+    searched_run = json.loads((folder / "executions" / f"{picked}d-full-0.json").read_text())["run_dir"]
+    assert (record["adopted_from"], record["status"]) == (searched_run, "finished")
+    assert (run / "history.csv").read_text() == (Path(searched_run) / "history.csv").read_text()
+    assert (run / "metrics.json").is_file()  # evaluated on the test split, which the search never read
+
+    monkeypatch.undo()
+    assert main(["train", "--no-export", "--fresh", "--tuned", "latest"] + _set_args(overrides)) == 0
+    fresh = max((out / "runs" / cfg.name).iterdir())
+    assert "adopted_from" not in json.loads((fresh / "run.json").read_text())
 
 
 @pytest.mark.slow
@@ -345,8 +359,6 @@ def test_two_searches_with_one_seed_give_identical_results(searched, unlabelled_
 @pytest.mark.slow
 def test_a_search_cut_off_mid_execution_resumes_it_from_its_last_epoch(unlabelled_imdb, tmp_path,
                                                                       monkeypatch, capsys):
-    from pipeline import train as train_mod
-
     overrides = _tune_overrides(unlabelled_imdb, tmp_path, dims=[4, 8]) + ["tune.keep=2", "train.epochs=3"]
     monkeypatch.setattr(tune, "run_in_child", _in_this_process)
     monkeypatch.setattr(rounds, "run_in_child", _in_this_process)
