@@ -153,9 +153,11 @@ def points(x: float) -> str:
 
 
 def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
-             comparisons: dict[int, dict], dropped: list[int] = ()) -> str:
+             comparisons: dict[int, dict], dropped: dict[int, float | None] | None = None,
+             kept_floor: float | None = None) -> str:
     """The report's first line: which sizes are within noise of the best, which are worse and
-    by how much, which the screen dropped, and what was picked by which rule."""
+    by how much, which the screen dropped (`dropped`: their screening scores, against the
+    lowest kept one, `kept_floor`), and what was picked by which rule."""
     best = best_of(summaries)
     within = [s.dim for s in summaries if s.mean >= best.mean - best.se]
     accuracy = f"{points(best.mean)} ± {points(best.se)}% BiLSTM validation accuracy"
@@ -176,11 +178,29 @@ def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
         else:
             parts.append(f"{s.dim}-d is lower {gap}, within noise review by review (paired 95% "
                          f"interval {points(c['low'])} to {points(c['high'])})")
-    if dropped:
-        parts.append(f"{_dims(list(dropped))} fell behind in the screen")
+    parts += _screen_parts(dropped or {}, kept_floor)
     how = ("as the smallest size within one standard error of the best" if rule == "one_se"
            else "as the highest mean")
     return "; ".join(parts) + f". Picked {chosen.dim}-d {how}."
+
+
+def _screen_parts(dropped: dict[int, float | None], kept_floor: float | None) -> list[str]:
+    """A size dropped on a tie with a kept one did not fall behind: `kept_sizes` breaks ties
+    toward the smaller size, and the sentence must not call that a loss."""
+    scored = {d: s for d, s in sorted(dropped.items()) if s is not None}
+    behind = [d for d, s in scored.items() if kept_floor is None or s < kept_floor]
+    tied = [d for d in scored if d not in behind]
+    failed = [d for d, s in sorted(dropped.items()) if s is None]
+    parts = []
+    if behind:
+        parts.append(f"{_dims(behind)} fell behind in the screen")
+    if tied:
+        verb = "ties" if len(tied) == 1 else "tie"
+        parts.append(f"{_dims(tied)} {verb} the last kept size in the screen and "
+                     f"{'was' if len(tied) == 1 else 'were'} dropped as the larger")
+    if failed:
+        parts.append(f"{_dims(failed)} failed in the screen")
+    return parts
 
 
 def _dims(dims: list[int]) -> str:

@@ -100,8 +100,9 @@ def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict]
     sizes = [_size_row(s, comparisons.get(s.dim), costs.get(s.dim), best_of_size[s.dim])
              for s in summaries]
     screen = _screen_rows(cfg, records, costs, best_of_size)
-    dropped = [r["embedding_dim"] for r in screen if not r["kept"]]
-    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped)
+    dropped = {r["embedding_dim"]: r[RANKED_BY] for r in screen if not r["kept"]}
+    kept_floor = min((r[RANKED_BY] for r in screen if r["kept"]), default=None)
+    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped, kept_floor)
 
     _plot(sizes, chosen.dim, out / "results.png")
     atomic.write_text(out / "results.md", _markdown(cfg, opening, sizes, screen, records, out, best_of_size))

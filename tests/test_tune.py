@@ -135,11 +135,18 @@ def test_the_paired_comparison_pairs_executions_of_the_same_seed():
 def test_the_opening_sentence_says_what_is_within_noise_what_is_worse_and_what_was_picked():
     summaries = summarize(_full({16: [0.850, 0.852], 64: [0.886, 0.894], 128: [0.889, 0.893]}))
     comparisons = {16: {"low": -0.045, "high": -0.030}, 128: {"low": -0.01, "high": 0.01}}
-    text = sentence(summaries, pick(summaries, "one_se"), "one_se", comparisons, dropped=[32])
+    text = sentence(summaries, pick(summaries, "one_se"), "one_se", comparisons, dropped={32: 0.85},
+                    kept_floor=0.87)
     assert text == ("64-d and 128-d are within one standard error of the best (128-d, 89.1 ± 0.2% BiLSTM "
                     "validation accuracy); 16-d is worse by 4.0 ± 0.2 points (paired 95% interval -4.5 to "
                     "-3.0); 32-d fell behind in the screen. Picked 64-d as the smallest size within one "
                     "standard error of the best.")
+    # A size the screen dropped only on a tie with the last kept one did not fall behind.
+    text = sentence(summaries, pick(summaries, "one_se"), "one_se", comparisons,
+                    dropped={32: 0.85, 256: 0.87, 512: None}, kept_floor=0.87)
+    assert text.endswith("; 32-d fell behind in the screen; 256-d ties the last kept size in the screen and "
+                         "was dropped as the larger; 512-d failed in the screen. Picked 64-d as the smallest "
+                         "size within one standard error of the best.")
     # A lower mean whose paired interval holds no difference is not called worse; a best alone is the best.
     apart = summarize(_full({16: [0.80, 0.84], 64: [0.86, 0.87]}))
     text = sentence(apart, pick(apart, "one_se"), "best", {16: {"low": -0.05, "high": 0.002}})
