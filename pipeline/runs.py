@@ -229,10 +229,11 @@ def _new_run_dir(root: Path, fp: str) -> Path:
     return run_dir
 
 
-def adopt_run(source: Path, cfg: Config, fp: str, **record) -> Path:
+def adopt_run(source: Path, cfg: Config, fp: str, status: str = "trained", **record) -> Path:
     """A copy of the finished run `source` as a run of `cfg` with fingerprint `fp`, marked
-    `trained`, so that a rerun of `cfg` resumes it at its evaluation; `record` joins its
-    run.json. Copied under a hidden name and renamed: a kill leaves no half run behind."""
+    `status`: `trained`, so that a rerun of `cfg` resumes it at its evaluation, or `finished`;
+    `record` joins its run.json. Copied under a hidden name and renamed: a kill leaves no half
+    run behind."""
     root = Path(cfg.runs_dir) / cfg.name
     with _FolderLock(root):
         run_dir = _new_run_dir(root, fp)
@@ -240,7 +241,7 @@ def adopt_run(source: Path, cfg: Config, fp: str, **record) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LOCK_FILE, BACKUP_DIR, METRICS_FILE,
                                                                    EXPORT_FILE))
-        write_json(tmp / RUN_FILE, read_json(tmp / RUN_FILE) | record | {"status": "trained",
+        write_json(tmp / RUN_FILE, read_json(tmp / RUN_FILE) | record | {"status": status,
                                                                          "fingerprint": fp})
         tmp.rename(run_dir)
     return run_dir

@@ -7,6 +7,7 @@ KerasTuner oracle hands the executions out in the order `pipeline.tune_pick.plan
 what finished, and serves them to workers in distributed tuning. Every execution runs in a
 process of its own, so that one search holds one model at a time; its run folder lives under
 `<tune.directory>/<name>/runs/`, and a kill resumes it there, from its last finished epoch.
+Where `make train` has trained an execution's very run already, the search copies it instead.
 
 An execution leaves a record (`executions/<key>.json`) and the per-review validation
 probabilities of its model (`<key>.npz`), from which `pipeline.tune_report` writes the report:
@@ -32,7 +33,7 @@ from pipeline.errors import ConfigError, PipelineError, stop_signal
 from pipeline.fingerprint import data_key, fingerprint, run_fingerprint
 from pipeline.pretrain import word2vec_seed
 from pipeline.rounds import run_in_child
-from pipeline.runs import DirLock, read_json, write_json
+from pipeline.runs import RUN_FILE, DirLock, adopt_run, finished_run, read_json, write_json
 from pipeline.tune_pick import RANKED_BY, SCREEN, Execution, check_tunable, planned
 from pipeline.tune_report import EXECUTIONS_DIR, SERVED, TuneResult, execution_records, write_report
 from pipeline.tune_roles import describe_role, role
@@ -52,48 +53,48 @@ TIMED_REVIEWS = 2000  # validation reviews (repeated where there are fewer) time
 # --- what one execution trains ------------------------------------------------------------------
 
 
-def search_config(cfg: Config) -> Config:
-    """`cfg` as the search trains it: every word2vec start is reduced from one run of word2vec
-    at the largest size, so the sizes differ in size alone. Saved in best_hparams.json, so the
-    picked size trains from the very vectors it was picked with."""
-    check_tunable(cfg)
-    init, size = cfg.model.embedding_init, cfg.pretrain.vector_size
-    d = cfg.to_dict()
-    if init == "word2vec":
-        d["pretrain"]["vector_size"] = size or max(cfg.tune.embedding_dims)
-        d["pretrain"]["seed"] = word2vec_seed(cfg)  # one start for every seed of the search
-    return from_dict(d)
-
-
 def execution_config(cfg: Config, ex: Execution) -> Config:
     """The config one execution trains: `make train`'s, at size `ex.dim` and seed `seed + index`.
 
-    A screening execution trains `tune.screen_epochs` epochs, the BiLSTM alone (the sizes are
-    ranked on it; the n-gram branch is the same for every size).
+    A full execution starts from the word2vec vectors `make train` would use at that size (its
+    own run of word2vec, unless `pretrain.vector_size` is set), trained with the search's seed
+    for every execution, so that seeds vary the model's training alone. A screening execution
+    trains `tune.screen_epochs` epochs, the BiLSTM alone (the n-gram branch is the same for every
+    size), from one run of word2vec at the largest size reduced per size: the screen then costs
+    one word2vec run, and its sizes differ in size alone.
     """
     d = cfg.to_dict()
     d |= {"name": f"{cfg.name}-{ex.dim}d", "runs_dir": str(output_dir(cfg) / "runs"),
           "seed": cfg.seed + ex.index}
     d["model"]["embedding_dim"] = ex.dim
+    if cfg.model.embedding_init == "word2vec" and ex.index:
+        d["pretrain"]["seed"] = word2vec_seed(cfg)
     if ex.stage == SCREEN:
         d["train"]["epochs"] = cfg.tune.screen_epochs
         d["ngrams"]["enabled"] = False
+        if cfg.model.embedding_init == "word2vec":
+            d["pretrain"]["vector_size"] = cfg.pretrain.vector_size or max(cfg.tune.embedding_dims)
+            d["pretrain"]["seed"] = word2vec_seed(cfg)
     return from_dict(d)
 
 
 def run_execution(cfg_dict: dict, values: dict, teacher_dir: str | None) -> dict:
     """Train (or resume, or find) one execution and record it; in the execution's own process.
 
-    Returns its metrics for the oracle. A finished run of the same fingerprint (a search
-    killed after training, before its record) is not trained again.
+    Returns its metrics for the oracle. A finished run of the same config is not trained
+    again: the search's own (a search killed after training, before its record), or the run
+    `make train` trained already (the configured size, with the configured seed).
     """
-    from pipeline.runs import finished_run
     from pipeline.train import train
 
     cfg, ex = Config.model_validate(cfg_dict), Execution.of(values)
     exec_cfg = execution_config(cfg, ex)
     t0 = time.time()
-    run_dir = finished_run(exec_cfg, run_fingerprint(exec_cfg, data_mod.data_identity(exec_cfg.data)))
+    identity = data_mod.data_identity(exec_cfg.data)
+    fp = run_fingerprint(exec_cfg, identity)
+    run_dir = finished_run(exec_cfg, fp)
+    if run_dir is None and ex.stage != SCREEN:
+        run_dir = trained_by_make_train(cfg, exec_cfg, fp, identity, teacher_dir)
     if run_dir is None:
         run_dir = train(exec_cfg, export=False, test=False,
                         teacher_dir=Path(teacher_dir) if teacher_dir else None).run_dir
@@ -103,6 +104,19 @@ def run_execution(cfg_dict: dict, values: dict, teacher_dir: str | None) -> dict
     return {k: float(record[k]) for k in (RANKED_BY, SERVED, "seconds") if record.get(k) is not None}
 
 
+def trained_by_make_train(cfg: Config, exec_cfg: Config, fp: str, identity: dict,
+                          teacher_dir: str | None) -> Path | None:
+    """A copy, in the search, of `make train`'s finished run of this very execution (the same
+    config under `cfg`'s name, taught by the same teacher), if there is one."""
+    as_trained = exec_cfg.model_copy(update={"name": cfg.name, "runs_dir": cfg.runs_dir})
+    source = finished_run(as_trained, run_fingerprint(as_trained, identity))
+    if source is None or (teacher_dir and read_json(source / RUN_FILE).get("distill", {}).get("from")
+                          != teacher_dir):
+        return None
+    log.info("make train trained this execution already (%s): scoring a copy of it", source)
+    return adopt_run(source, exec_cfg, fp, status="finished", adopted_from=str(source))
+
+
 def score_execution(cfg: Config, ex: Execution, run_dir: Path, folder: Path) -> dict:
     """Score the run's model on the validation reviews, per review, as the report pairs them:
     the BiLSTM alone and served (with the run's n-gram branch, where it has one)."""
@@ -110,7 +124,7 @@ def score_execution(cfg: Config, ex: Execution, run_dir: Path, folder: Path) -> 
     from pipeline.embeddings import nearest_neighbours
     from pipeline.resume import best_epoch_of
     from pipeline.run_files import load_run
-    from pipeline.runs import HISTORY_FILE, RUN_FILE
+    from pipeline.runs import HISTORY_FILE
     from pipeline.scoring import score_texts, served_probabilities, sigmoid
 
     _, vectorizer, model, branch = load_run(run_dir)
@@ -301,7 +315,7 @@ def run_search(cfg: Config, fresh: bool = False, teacher_dir: Path | None = None
     for a config that distills from a served teacher. One live process owns a tuning folder
     (its workers aside); the lock sits beside the folder, so that --fresh can remove it.
     """
-    cfg = search_config(cfg)
+    check_tunable(cfg)
     out = output_dir(cfg)
     if role() == "worker":
         return _run_search(cfg, out, fresh, teacher_dir)

@@ -113,9 +113,7 @@ def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict]
     # Written last: its presence means the report above is complete.
     write_json(out / BEST_FILE, {"values": {"embedding_dim": chosen.dim}, "rule": cfg.tune.pick,
                                  "mean": chosen.mean, "se": chosen.se, "executions": chosen.n,
-                                 "finished": info["finished"],
-                                 "word2vec_vector_size": cfg.pretrain.vector_size,
-                                 "word2vec_seed": cfg.pretrain.seed})
+                                 "finished": info["finished"]})
     return TuneResult(out, who, session, picked, sizes)
 
 

@@ -43,8 +43,8 @@ def tuned_path(cfg: Config, source: str) -> Path:
 def apply_tuned(cfg: Config) -> tuple[Config, dict]:
     """`cfg` with the tuned values of `model.tuned_hparams` applied, and where they came from.
 
-    The word2vec vectors are the search's too (its largest size, reduced per size), so the
-    picked size trains from the very start it was picked with.
+    The rest is `cfg`'s, as the search's full executions trained it: the picked size starts
+    from the word2vec vectors it was picked with.
     """
     path = tuned_path(cfg, cfg.model.tuned_hparams or "latest")
     if not path.is_file():
@@ -60,9 +60,6 @@ def apply_tuned(cfg: Config) -> tuple[Config, dict]:
                           f"(found {sorted(best['values'])})")
     d = cfg.to_dict()
     d["model"] |= values | {"tuned_hparams": str(path)}
-    if d["model"]["embedding_init"] == "word2vec" and best.get("word2vec_vector_size"):
-        d["pretrain"]["vector_size"] = best["word2vec_vector_size"]
-        d["pretrain"]["seed"] = best.get("word2vec_seed", d["pretrain"]["seed"])
     provenance = {"source": "tuning", "file": str(path), "values": values,
                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                   "search": {k: best.get(k) for k in ("rule", "finished", "mean", "se", "executions")}}

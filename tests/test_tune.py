@@ -24,6 +24,7 @@ from pipeline.tune_pick import (
     FULL,
     SCREEN,
     Execution,
+    check_tunable,
     compare,
     kept_sizes,
     pick,
@@ -156,15 +157,17 @@ def test_the_opening_sentence_says_what_is_within_noise_what_is_worse_and_what_w
 
 
 def test_an_execution_trains_make_trains_config_at_its_size_and_seed(tmp_path):
-    cfg = tune.search_config(_cfg(tmp_path, "tune.embedding_dims=[16,64]", "model.embedding_init=word2vec",
-                                  "seed=7"))
-    assert cfg.pretrain.vector_size == 64 and cfg.pretrain.seed == 7  # one start for every seed
-    full = tune.execution_config(cfg, Execution(16, 1, FULL))
-    assert (full.name, full.seed, full.model.embedding_dim, full.pretrain.seed) == ("imdb_lstm-16d", 8, 16, 7)
-    assert full.train == cfg.train and full.ngrams == cfg.ngrams and full.distill == cfg.distill
-    assert full.runs_dir == str(tmp_path / cfg.name / "runs")
+    cfg = _cfg(tmp_path, "tune.embedding_dims=[16,64]", "model.embedding_init=word2vec", "seed=7")
+    first = tune.execution_config(cfg, Execution(16, 0, FULL))
+    assert (first.name, first.runs_dir) == ("imdb_lstm-16d", str(tmp_path / cfg.name / "runs"))
+    at_16 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"embedding_dim": 16})})
+    # make train's config at 16-d, its start included: its own 16-d word2vec, of its own seed
+    assert first.model_copy(update={"name": cfg.name, "runs_dir": cfg.runs_dir}) == at_16
+    second = tune.execution_config(cfg, Execution(16, 1, FULL))
+    assert (second.seed, second.pretrain.vector_size, second.pretrain.seed) == (8, None, 7)  # the same start
     screen = tune.execution_config(cfg, Execution(16, 0, SCREEN))
     assert screen.train.epochs == cfg.tune.screen_epochs and not screen.ngrams.enabled
+    assert (screen.pretrain.vector_size, screen.pretrain.seed) == (64, 7)  # the largest size's, reduced
 
 
 @pytest.mark.parametrize(("extra", "match"), [
@@ -174,7 +177,7 @@ def test_an_execution_trains_make_trains_config_at_its_size_and_seed(tmp_path):
 ])
 def test_a_start_that_does_not_come_in_every_size_is_refused_up_front(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
-        tune.search_config(_cfg(tmp_path, *extra))
+        check_tunable(_cfg(tmp_path, *extra))
 
 
 # --- the oracle: the plan's order, and a search cut off and reloaded -------------------------------
@@ -214,13 +217,13 @@ def test_the_oracle_hands_out_the_plan_and_a_reloaded_one_reruns_the_cut_off_exe
 # --- the hand-off ----------------------------------------------------------------------------------
 
 
-def test_apply_tuned_sets_the_size_and_the_search_vectors_and_says_where_they_came_from(tmp_path):
+def test_apply_tuned_sets_the_size_and_says_where_it_came_from(tmp_path):
     best = tmp_path / "best_hparams.json"
     best.write_text(json.dumps({"values": {"embedding_dim": 64}, "rule": "one_se", "mean": 0.9, "se": 0.002,
-                                "executions": 2, "word2vec_vector_size": 256, "word2vec_seed": 42}))
+                                "executions": 2}))
     cfg = load_config(None, [f"model.tuned_hparams={tmp_path}", "model.embedding_init=word2vec"])
     tuned, provenance = apply_tuned(cfg)
-    assert (tuned.model.embedding_dim, tuned.pretrain.vector_size, tuned.pretrain.seed) == (64, 256, 42)
+    assert tuned.model.embedding_dim == 64 and tuned.pretrain == cfg.pretrain
     assert provenance["values"] == {"embedding_dim": 64} and provenance["file"] == str(best)
     assert provenance["search"]["rule"] == "one_se" and provenance["search"]["executions"] == 2
 
@@ -269,12 +272,12 @@ def searched(unlabelled_imdb, tmp_path_factory):
     overrides = _tune_overrides(unlabelled_imdb, out)
     assert main(["tune"] + _set_args(overrides)) == 0
     cfg = load_config(None, overrides)
-    return cfg, tune.search_config(cfg), out
+    return cfg, out
 
 
 @pytest.mark.slow
 def test_every_execution_is_a_row_and_the_report_follows_from_them(searched, capsys):
-    cfg, search_cfg, out = searched
+    cfg, out = searched
     folder = out / "tuning" / cfg.name
     rows = _rows(folder)
     (teacher,) = (out / "runs" / f"{cfg.name}-teacher").iterdir()  # one, make train's own, for all
@@ -313,7 +316,7 @@ def kept(rows: list[dict]) -> list[int]:
 @pytest.mark.slow
 def test_a_rerun_trains_nothing_again_and_training_takes_the_pick(searched, unlabelled_imdb, monkeypatch,
                                                                    capsys):
-    cfg, _, out = searched
+    cfg, out = searched
     folder = out / "tuning" / cfg.name
     before = {f: f.stat().st_mtime_ns for f in (folder / "runs").rglob("run.json")}
     monkeypatch.setattr(tune, "run_in_child", _in_this_process)
@@ -349,7 +352,7 @@ def test_a_rerun_trains_nothing_again_and_training_takes_the_pick(searched, unla
 @pytest.mark.slow
 def test_two_searches_with_one_seed_give_identical_results(searched, unlabelled_imdb, tmp_path,
                                                              monkeypatch):
-    cfg, _, out = searched
+    cfg, out = searched
     monkeypatch.setattr(tune, "run_in_child", _in_this_process)
     monkeypatch.setattr(rounds, "run_in_child", _in_this_process)
     monkeypatch.setattr(tune, "costs_of", lambda run_dirs: {})  # what serving costs is timed, not repeated
@@ -389,6 +392,32 @@ def test_a_search_cut_off_mid_execution_resumes_it_from_its_last_epoch(unlabelle
     (resumed,) = (folder / "runs" / "tiny-8d").glob(f"*-{_fingerprint_of(folder, '8d-full-1')}")
     assert json.loads((resumed / "run.json").read_text())["started_at_epoch"] == 2
     assert len(_rows(folder)) == 4
+
+
+@pytest.mark.slow
+def test_a_search_after_make_train_scores_make_trains_own_run_instead_of_training_it(
+        unlabelled_imdb, tmp_path, monkeypatch):
+    overrides = _tune_overrides(unlabelled_imdb, tmp_path, dims=[4, 8]) + ["model.embedding_dim=8"]
+    monkeypatch.setattr(tune, "run_in_child", _in_this_process)
+    monkeypatch.setattr(rounds, "run_in_child", _in_this_process)
+    monkeypatch.setattr(tune, "costs_of", lambda run_dirs: {})
+    assert main(["train", "--no-export"] + _set_args(overrides)) == 0
+    (trained,) = (tmp_path / "runs" / "tiny").iterdir()
+    real_train, trainings = train_mod.train, []
+
+    def train(cfg, *args, **kwargs):
+        trainings.append((cfg.model.embedding_dim, cfg.seed, cfg.train.epochs))
+        return real_train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", train)
+    assert main(["tune"] + _set_args(overrides)) == 0
+    assert sorted(trainings) == [(4, 42, 2), (4, 43, 2), (8, 43, 2)]  # no screen for two sizes; not (8, 42)
+    folder = tmp_path / "tuning" / "tiny"
+    run = Path(json.loads((folder / "executions" / "8d-full-0.json").read_text())["run_dir"])
+    assert run.parent == folder / "runs" / "tiny-8d"  # a copy in the search, make train's run untouched
+    assert json.loads((run / "run.json").read_text())["adopted_from"] == str(trained)
+    assert (run / "history.csv").read_text() == (trained / "history.csv").read_text()
+    assert not (run / "metrics.json").exists()  # make train's test figures stay behind
 
 
 def _fingerprint_of(folder: Path, key: str) -> str:
