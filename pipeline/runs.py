@@ -229,6 +229,11 @@ def _new_run_dir(root: Path, fp: str) -> Path:
     return run_dir
 
 
+def taught_by(run: dict, teacher_dir: Path | str | None) -> bool:
+    """Whether the run record `run` learned from the teacher run `teacher_dir` (None: any)."""
+    return teacher_dir is None or run.get("distill", {}).get("from") == str(teacher_dir)
+
+
 def adopt_run(source: Path, cfg: Config, fp: str, status: str = "trained", **record) -> Path:
     """A copy of the finished run `source` as a run of `cfg` with fingerprint `fp`, marked
     `status`: `trained`, so that a rerun of `cfg` resumes it at its evaluation, or `finished`;

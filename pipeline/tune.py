@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, PipelineError, stop_signal
 from pipeline.fingerprint import data_key, fingerprint, run_fingerprint
 from pipeline.pretrain import word2vec_seed
 from pipeline.rounds import run_in_child
-from pipeline.runs import RUN_FILE, DirLock, adopt_run, finished_run, read_json, write_json
+from pipeline.runs import RUN_FILE, DirLock, adopt_run, finished_run, read_json, taught_by, write_json
 from pipeline.tune_pick import RANKED_BY, SCREEN, Execution, check_tunable, planned
 from pipeline.tune_report import EXECUTIONS_DIR, SERVED, TuneResult, execution_records, write_report
 from pipeline.tune_roles import describe_role, role
@@ -110,8 +110,7 @@ def trained_by_make_train(cfg: Config, exec_cfg: Config, fp: str, identity: dict
     config under `cfg`'s name, taught by the same teacher), if there is one."""
     as_trained = exec_cfg.model_copy(update={"name": cfg.name, "runs_dir": cfg.runs_dir})
     source = finished_run(as_trained, run_fingerprint(as_trained, identity))
-    if source is None or (teacher_dir and read_json(source / RUN_FILE).get("distill", {}).get("from")
-                          != teacher_dir):
+    if source is None or not taught_by(read_json(source / RUN_FILE), teacher_dir):
         return None
     log.info("make train trained this execution already (%s): scoring a copy of it", source)
     return adopt_run(source, exec_cfg, fp, status="finished", adopted_from=str(source))

@@ -79,7 +79,7 @@ def adopt_search_run(cfg: Config, provenance: dict, teacher_dir: Path | None) ->
     """
     from pipeline import data as data_mod
     from pipeline.fingerprint import run_fingerprint
-    from pipeline.runs import RUN_FILE, adopt_run, code_commit, read_json, resumable_run
+    from pipeline.runs import RUN_FILE, adopt_run, code_commit, read_json, resumable_run, taught_by
 
     identity = data_mod.data_identity(cfg.data)
     fp = run_fingerprint(cfg, identity)
@@ -93,8 +93,7 @@ def adopt_search_run(cfg: Config, provenance: dict, teacher_dir: Path | None) ->
         run = read_json(source / RUN_FILE)
         same = run.get("fingerprint") == run_fingerprint(cfg.model_copy(update={"name": source.parent.name}),
                                                           identity)
-        same_teacher = teacher_dir is None or run.get("distill", {}).get("from") == str(teacher_dir)
-        if run.get("status") == "finished" and same and same_teacher:
+        if run.get("status") == "finished" and same and taught_by(run, teacher_dir):
             log.info("the search trained this run already (%s): evaluating and exporting it, "
                      "not training it again (--fresh trains it anew)", source)
             return adopt_run(source, cfg, fp, adopted_from=str(source), commit=code_commit(),
