@@ -151,8 +151,8 @@ class TuneConfig(_Section):
     # one_se: the smallest size whose mean is within one standard error of the best mean
     # (Breiman's rule); best: the highest mean.
     pick: Literal["one_se", "best"] = "one_se"
-    # Successive halving: every size first trains this many epochs (BiLSTM alone, labelled reviews
-    # alone, one seed), and only the `keep` best go on to full trainings. None: every size trains in full.
+    # Successive halving: every size first trains this many epochs (BiLSTM alone, one seed), and
+    # only the `keep` best go on to full trainings. None: every size trains in full.
     screen_epochs: int | None = Field(1, gt=0)
     # Passes of the screen's word2vec: one run at the largest size, reduced per size.
     screen_word2vec_epochs: int = Field(1, gt=0)

@@ -60,10 +60,10 @@ def execution_config(cfg: Config, ex: Execution) -> Config:
     own run of word2vec, unless `pretrain.vector_size` is set), trained with the search's seed
     for every execution, so that seeds vary the model's training alone. A screening execution is
     the cheap, low-fidelity rung of successive halving: `tune.screen_epochs` epochs of the BiLSTM
-    alone on the labelled reviews alone (the n-gram branch and the teacher are the same for every
-    size), from one short run of word2vec at the largest size (`tune.screen_word2vec_epochs`
-    passes) reduced per size: its sizes differ in size alone, and the whole screen costs less than
-    one full execution (docs/experiments/tuning.md).
+    alone (the n-gram branch is the same for every size) on make train's data, teacher included,
+    from one short run of word2vec at the largest size (`tune.screen_word2vec_epochs` passes)
+    reduced per size: its sizes differ in size alone. Without the teacher's reviews, one epoch
+    ranked sizes by noise (docs/experiments/tuning.md).
     """
     d = cfg.to_dict()
     d |= {"name": f"{cfg.name}-{ex.dim}d", "runs_dir": str(output_dir(cfg) / "runs"),
@@ -73,7 +73,7 @@ def execution_config(cfg: Config, ex: Execution) -> Config:
         d["pretrain"]["seed"] = word2vec_seed(cfg)
     if ex.stage == SCREEN:
         d["train"]["epochs"] = cfg.tune.screen_epochs
-        d["ngrams"]["enabled"] = d["distill"]["enabled"] = False
+        d["ngrams"]["enabled"] = False
         if cfg.model.embedding_init == "word2vec":
             d["pretrain"]["vector_size"] = cfg.pretrain.vector_size or max(cfg.tune.embedding_dims)
             d["pretrain"]["seed"] = word2vec_seed(cfg)
@@ -99,8 +99,8 @@ def run_execution(cfg_dict: dict, values: dict, teacher_dir: str | None) -> dict
     if run_dir is None and ex.stage != SCREEN:
         run_dir = trained_by_make_train(cfg, exec_cfg, fp, identity, teacher_dir)
     if run_dir is None:
-        teacher = Path(teacher_dir) if teacher_dir and exec_cfg.distill.enabled else None  # not the screen's
-        run_dir = train(exec_cfg, export=False, test=False, teacher_dir=teacher).run_dir
+        run_dir = train(exec_cfg, export=False, test=False,
+                        teacher_dir=Path(teacher_dir) if teacher_dir else None).run_dir
     record = score_execution(exec_cfg, ex, run_dir, output_dir(cfg) / EXECUTIONS_DIR)
     record["seconds"] = round(time.time() - t0, 1)
     write_json(output_dir(cfg) / EXECUTIONS_DIR / f"{ex.key}.json", record)
@@ -247,7 +247,7 @@ class ExecutionTuner(kt.engine.base_tuner.BaseTuner):
         self._asked = False
         ex = Execution.of(trial.hyperparameters.values)
         log.info("execution %s: %d-d, seed %d, %s", ex.key, ex.dim, self.cfg.seed + ex.index,
-                 f"{self.cfg.tune.screen_epochs} screening epoch(s), the BiLSTM alone, labelled reviews"
+                 f"{self.cfg.tune.screen_epochs} screening epoch(s), the BiLSTM alone"
                  if ex.stage == SCREEN else f"up to {self.cfg.train.epochs} epochs, as make train")
         super().on_trial_begin(trial)
 

@@ -5,9 +5,9 @@ Plain functions of the config and of the executions' records, no TensorFlow: the
 (`pipeline.tune_report`) asks `summarize`, `compare` and `pick` what the executions say.
 
 An execution is one training of one embedding size with one seed (`seed + index`). A search
-first screens every size (`tune.screen_epochs` epochs, one seed, the BiLSTM alone on the labelled
-reviews alone), keeps the `tune.keep` best, and trains each of those `tune.executions` times in
-full: successive halving over sizes, so the full trainings go to the sizes that can still win.
+first screens every size (`tune.screen_epochs` epochs, one seed, the BiLSTM alone), keeps the
+`tune.keep` best, and trains each of those `tune.executions` times in full: successive halving
+over sizes, so the full trainings go to the sizes that can still win.
 """
 
 from __future__ import annotations

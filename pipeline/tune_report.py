@@ -177,9 +177,9 @@ def _markdown(cfg: Config, opening: str, sizes: list[dict], screen: list[dict], 
         lines.append("| " + " | ".join(cells) + " |")
     if screen:
         lines += ["", f"**Screen.** Every size first trained {cfg.tune.screen_epochs} epoch(s), seed "
-                  f"{cfg.seed}, the BiLSTM alone on the labelled reviews alone; the {cfg.tune.keep} best "
-                  "went on to full executions (successive halving). A dropped size's cost is that of its "
-                  "screen model, without the n-gram branch.", "",
+                  f"{cfg.seed}, the BiLSTM alone; the {cfg.tune.keep} best went on to full executions "
+                  "(successive halving). A dropped size's cost is that of its screen model, without the "
+                  "n-gram branch.", "",
                   "| dim | screen BiLSTM val accuracy | kept | trainable params | export MB | reviews/s "
                   "| p50 ms |",
                   "|---:|---:|:---:|---:|---:|---:|---:|"]

@@ -167,7 +167,7 @@ def test_an_execution_trains_make_trains_config_at_its_size_and_seed(tmp_path):
     assert (second.seed, second.pretrain.vector_size, second.pretrain.seed) == (8, None, 7)  # the same start
     screen = tune.execution_config(cfg, Execution(16, 0, SCREEN))
     assert screen.train.epochs == cfg.tune.screen_epochs and not screen.ngrams.enabled
-    assert not screen.distill.enabled  # the labelled reviews alone
+    assert screen.distill == cfg.distill  # make train's data: one epoch on the labelled alone ranks by noise
     # the largest size's word2vec, reduced, in fewer passes than make train's
     assert (screen.pretrain.vector_size, screen.pretrain.seed) == (64, 7)
     assert screen.pretrain.epochs == cfg.tune.screen_word2vec_epochs < first.pretrain.epochs
@@ -293,8 +293,7 @@ def test_every_execution_is_a_row_and_the_report_follows_from_them(searched, cap
         assert (saved["model"]["embedding_dim"], saved["seed"]) == (int(r["embedding_dim"]), int(r["seed"]))
         assert saved["train"]["epochs"] == (1 if r["stage"] == "screen" else 2)
         assert not (run / "metrics.json").exists()
-        taught_by = json.loads((run / "run.json").read_text()).get("distill", {}).get("from")
-        assert taught_by == (str(teacher) if r["stage"] == "full" else None)  # the screen: labelled alone
+        assert json.loads((run / "run.json").read_text())["distill"]["from"] == str(teacher)
         key = f"{int(r['embedding_dim'])}d-{r['stage']}-{r['execution']}"
         with np.load(folder / "executions" / f"{key}.npz") as z:
             assert float(r["val_accuracy"]) == pytest.approx(np.mean((z["lstm"] > 0.5) == z["labels"]))
