@@ -152,7 +152,8 @@ class TuneConfig(_Section):
     # (Breiman's rule); best: the highest mean.
     pick: Literal["one_se", "best"] = "one_se"
     # Successive halving: every size first trains this many epochs (BiLSTM alone, one seed), and
-    # only the `keep` best go on to full trainings. None: every size trains in full.
+    # only the `keep` best go on to full trainings, `model.embedding_dim` second among them when
+    # the screen cannot tell it from the best (`tune_pick.kept_sizes`). None: every size trains in full.
     screen_epochs: int | None = Field(1, gt=0)
     # Passes of the screen's word2vec: one run at the largest size, reduced per size.
     screen_word2vec_epochs: int = Field(1, gt=0)

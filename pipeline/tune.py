@@ -35,7 +35,14 @@ from pipeline.pretrain import word2vec_seed
 from pipeline.rounds import run_in_child
 from pipeline.runs import RUN_FILE, DirLock, adopt_run, finished_run, read_json, taught_by, write_json
 from pipeline.tune_pick import RANKED_BY, SCREEN, Execution, check_tunable, planned
-from pipeline.tune_report import EXECUTIONS_DIR, SERVED, TuneResult, execution_records, write_report
+from pipeline.tune_report import (
+    EXECUTIONS_DIR,
+    SERVED,
+    TuneResult,
+    execution_records,
+    screen_correct,
+    write_report,
+)
 from pipeline.tune_roles import describe_role, role
 from pipeline.tuned import SEARCH_FILE, TuneError, output_dir
 
@@ -198,7 +205,7 @@ class ExecutionOracle(kt.Oracle):
     """
 
     def __init__(self, cfg: Config, **kwargs):
-        self.tune = cfg.tune
+        self.tune, self.prefer, self.out = cfg.tune, cfg.model.embedding_dim, output_dir(cfg)
         super().__init__(objective=kt.Objective(RANKED_BY, "max"), hyperparameters=search_space(cfg),
                          seed=cfg.seed, **kwargs)
 
@@ -219,7 +226,9 @@ class ExecutionOracle(kt.Oracle):
         """The executions still to train, as far as the plan is known now."""
         tried, scores = self._state()
         running = {Execution.of(t.hyperparameters.values).key for t in self.ongoing_trials.values()}
-        return [ex for ex in planned(self.tune, scores) if ex.key not in tried | running]
+        correct = screen_correct(self.out, scores) if len(scores) == len(self.tune.embedding_dims) else None
+        plan = planned(self.tune, scores, self.prefer, correct)
+        return [ex for ex in plan if ex.key not in tried | running]
 
     def populate_space(self, trial_id: str) -> dict:
         todo = self.remaining()

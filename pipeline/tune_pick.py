@@ -6,7 +6,8 @@ Plain functions of the config and of the executions' records, no TensorFlow: the
 
 An execution is one training of one embedding size with one seed (`seed + index`). A search
 first screens every size (`tune.screen_epochs` epochs, one seed, the BiLSTM alone), keeps the
-`tune.keep` best, and trains each of those `tune.executions` times in full: successive halving
+`tune.keep` best (the configured size among them when the screen cannot tell it from the best),
+and trains each of those `tune.executions` times in full: successive halving
 over sizes, so the full trainings go to the sizes that can still win.
 """
 
@@ -51,16 +52,32 @@ def screens(tune: TuneConfig) -> bool:
     return tune.screen_epochs is not None and tune.keep < len(tune.embedding_dims)
 
 
-def kept_sizes(tune: TuneConfig, screen_scores: dict[int, float | None]) -> list[int]:
+def kept_sizes(tune: TuneConfig, screen_scores: dict[int, float | None], prefer: int | None = None,
+               screen_correct: dict[int, np.ndarray] | None = None) -> list[int]:
     """The `tune.keep` sizes with the best screening score (None: the screen failed, never kept);
-    a tie goes to the smaller size."""
+    a tie goes to the smaller size.
+
+    `prefer` (the configured size, which `make train` trains and the search can adopt) is kept
+    right after the best when the screen cannot tell the two apart: the paired interval of their
+    per-review right/wrong (`screen_correct`) holds no difference. Among sizes the screen cannot
+    separate, which one ranks second is chance (docs/experiments/tuning.md); keeping the default
+    puts the comparison users ask for, pick against default, into the full stage, and saves a
+    full training when `make train` has run.
+    """
     scored = [d for d, s in screen_scores.items() if s is not None]
     ranked = sorted(scored, key=lambda d: (-screen_scores[d], d))
+    if prefer in ranked[1:] and screen_correct and {ranked[0], prefer} <= screen_correct.keys():
+        versus = compare({d: [screen_correct[d]] for d in (ranked[0], prefer)}, ranked[0])[prefer]
+        if versus["high"] >= 0:
+            ranked.remove(prefer)
+            ranked.insert(1, prefer)
     return sorted(ranked[:tune.keep])
 
 
-def planned(tune: TuneConfig, screen_scores: dict[int, float | None]) -> list[Execution]:
-    """Every execution the search trains, given the screening scores known so far.
+def planned(tune: TuneConfig, screen_scores: dict[int, float | None], prefer: int | None = None,
+            screen_correct: dict[int, np.ndarray] | None = None) -> list[Execution]:
+    """Every execution the search trains, given the screening scores known so far (and, for
+    `kept_sizes`, the preferred size and the screens' per-review right/wrong).
 
     The full stage is planned only once every size is screened, since the screen decides it.
     """
@@ -70,7 +87,7 @@ def planned(tune: TuneConfig, screen_scores: dict[int, float | None]) -> list[Ex
         plan = [Execution(d, 0, SCREEN) for d in tune.embedding_dims]
         if len(screen_scores) < len(tune.embedding_dims):
             return plan
-        dims = kept_sizes(tune, screen_scores)
+        dims = kept_sizes(tune, screen_scores, prefer, screen_correct)
         return plan + [Execution(d, k, FULL) for k in range(tune.executions) for d in dims]
     return [Execution(d, k, FULL) for k in range(tune.executions) for d in dims]
 
@@ -154,10 +171,11 @@ def points(x: float) -> str:
 
 def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
              comparisons: dict[int, dict], dropped: dict[int, float | None] | None = None,
-             kept_floor: float | None = None) -> str:
+             kept_floor: float | None = None, gave_way: tuple[list[int], int] | None = None) -> str:
     """The report's first line: which sizes are within noise of the best, which are worse and
     by how much, which the screen dropped (`dropped`: their screening scores, against the
-    lowest kept one, `kept_floor`), and what was picked by which rule."""
+    lowest one kept on its score, `kept_floor`; `gave_way`: sizes dropped for the configured
+    size, see `kept_sizes`), and what was picked by which rule."""
     best = best_of(summaries)
     within = [s.dim for s in summaries if s.mean >= best.mean - best.se]
     accuracy = f"{points(best.mean)} ± {points(best.se)}% BiLSTM validation accuracy"
@@ -178,6 +196,10 @@ def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
         else:
             parts.append(f"{s.dim}-d is lower {gap}, within noise review by review (paired 95% "
                          f"interval {points(c['low'])} to {points(c['high'])})")
+    if gave_way:
+        given, preferred = gave_way
+        parts.append(f"in the screen, {_dims(given)} and the configured {preferred}-d were both within "
+                     f"noise of the best, and {_dims(given)} gave way to {preferred}-d")
     parts += _screen_parts(dropped or {}, kept_floor)
     how = ("as the smallest size within one standard error of the best" if rule == "one_se"
            else "as the highest mean")

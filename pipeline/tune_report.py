@@ -27,6 +27,7 @@ from pipeline.tune_pick import (
     FULL,
     RANKED_BY,
     SCREEN,
+    Execution,
     SizeSummary,
     best_of,
     compare,
@@ -61,9 +62,16 @@ def execution_records(out: Path, dims: list[int] | None = None) -> list[dict]:
     return sorted(records, key=lambda r: (r["stage"] != SCREEN, r["embedding_dim"], r["execution"]))
 
 
-def _correct(out: Path, record: dict) -> np.ndarray:
-    with np.load(out / EXECUTIONS_DIR / f"{record['key']}.npz") as z:
+def _correct(out: Path, key: str) -> np.ndarray:
+    """An execution's per-review right/wrong, the BiLSTM alone's (what the sizes are ranked on)."""
+    with np.load(out / EXECUTIONS_DIR / f"{key}.npz") as z:
         return (z["lstm"] > 0.5) == z["labels"]
+
+
+def screen_correct(out: Path, scores: dict[int, float | None]) -> dict[int, np.ndarray]:
+    """The screens' per-review right/wrong, of the screened sizes with a score and their file."""
+    keys = {d: Execution(d, 0, SCREEN).key for d, s in scores.items() if s is not None}
+    return {d: _correct(out, k) for d, k in keys.items() if (out / EXECUTIONS_DIR / f"{k}.npz").exists()}
 
 
 def best_runs(records: list[dict]) -> dict[int, dict]:
@@ -90,8 +98,8 @@ def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict]
         write_json(out / SEARCH_FILE, info | {"status": "no size has two finished full executions"})
         return TuneResult(out, who, session, None)
 
-    full = {s.dim: [_correct(out, r) for r in records if r["embedding_dim"] == s.dim and r["stage"] == FULL]
-            for s in summaries}
+    full = {s.dim: [_correct(out, r["key"]) for r in records
+                    if r["embedding_dim"] == s.dim and r["stage"] == FULL] for s in summaries}
     best = best_of(summaries)
     comparisons = compare(full, best.dim)
     chosen = pick(summaries, cfg.tune.pick)
@@ -99,10 +107,14 @@ def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict]
     costs = costs_of({d: r["run_dir"] for d, r in best_of_size.items()})
     sizes = [_size_row(s, comparisons.get(s.dim), costs.get(s.dim), best_of_size[s.dim])
              for s in summaries]
-    screen = _screen_rows(cfg, records, costs, best_of_size)
-    dropped = {r["embedding_dim"]: r[RANKED_BY] for r in screen if not r["kept"]}
-    kept_floor = min((r[RANKED_BY] for r in screen if r["kept"]), default=None)
-    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped, kept_floor)
+    screen = _screen_rows(cfg, out, records, costs, best_of_size)
+    dropped = {r["embedding_dim"]: r[RANKED_BY] for r in screen if not r["kept"] and not r["gave_way"]}
+    kept_floor = min((r[RANKED_BY] for r in screen if (r["kept"] and not r["preferred"]) or r["gave_way"]),
+                     default=None)
+    gave_way = ([r["embedding_dim"] for r in screen if r["gave_way"]],
+                next((r["embedding_dim"] for r in screen if r["preferred"]), None))
+    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped, kept_floor,
+                       gave_way if gave_way[0] else None)
 
     _plot(sizes, chosen.dim, out / "results.png")
     atomic.write_text(out / "results.md", _markdown(cfg, opening, sizes, screen, records, out, best_of_size))
@@ -129,17 +141,31 @@ def _size_row(s: SizeSummary, comparison: dict | None, cost: dict | None, best_r
                         **{k: (cost or {}).get(k) for k in ("export_mb", "reviews_per_s", "latency_ms_p50")}}
 
 
-def _screen_rows(cfg: Config, records: list[dict], costs: dict[int, dict],
+def _screen_rows(cfg: Config, out: Path, records: list[dict], costs: dict[int, dict],
                  best_of_size: dict[int, dict]) -> list[dict]:
-    """The screen's scores, which sizes it kept, and what the dropped ones cost to serve."""
+    """The screen's scores, which sizes it kept, and what the dropped ones cost to serve.
+
+    `preferred`: kept as the configured size within noise of the best, out of its rank;
+    `gave_way`: dropped for it, though its screening score ranked it among the kept.
+    """
     if not screens(cfg.tune):
         return []
     scores = {r["embedding_dim"]: r[RANKED_BY] for r in records if r["stage"] == SCREEN}
-    kept = kept_sizes(cfg.tune, scores) if len(scores) == len(cfg.tune.embedding_dims) else []
+    by_rank, kept = [], []
+    if len(scores) == len(cfg.tune.embedding_dims):
+        by_rank = kept_sizes(cfg.tune, scores)
+        kept = kept_sizes(cfg.tune, scores, cfg.model.embedding_dim, screen_correct(out, scores))
     return [{"embedding_dim": d, RANKED_BY: scores[d], "kept": d in kept,
+             "preferred": d in kept and d not in by_rank, "gave_way": d in by_rank and d not in kept,
              "trainable_params": best_of_size[d].get("trainable_params"),
              **{k: costs.get(d, {}).get(k) for k in ("export_mb", "reviews_per_s", "latency_ms_p50")}}
             for d in sorted(scores)]
+
+
+def _kept_cell(row: dict) -> str:
+    if row["preferred"]:
+        return "yes, the configured size"
+    return "no, gave way to the configured size" if row["gave_way"] else "yes" if row["kept"] else "no"
 
 
 def _cost_cells(row: dict) -> str:
@@ -178,12 +204,13 @@ def _markdown(cfg: Config, opening: str, sizes: list[dict], screen: list[dict], 
     if screen:
         lines += ["", f"**Screen.** Every size first trained {cfg.tune.screen_epochs} epoch(s), seed "
                   f"{cfg.seed}, the BiLSTM alone; the {cfg.tune.keep} best went on to full executions "
-                  "(successive halving). A dropped size's cost is that of its screen model, without the "
-                  "n-gram branch.", "",
+                  "(successive halving), the configured size among them when its paired interval "
+                  "against the best held no difference. A dropped size's cost is that of its screen "
+                  "model, without the n-gram branch.", "",
                   "| dim | screen BiLSTM val accuracy | kept | trainable params | export MB | reviews/s "
                   "| p50 ms |",
                   "|---:|---:|:---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['embedding_dim']} | {points(r[RANKED_BY])} | {'yes' if r['kept'] else 'no'} | "
+        lines += [f"| {r['embedding_dim']} | {points(r[RANKED_BY])} | {_kept_cell(r)} | "
                   f"{_cost_cells(r)} |" for r in screen]
     lines += ["", "![BiLSTM validation accuracy, mean ± standard error, against serving throughput]"
               "(results.png)", "", "Every execution: `results.csv`.", ""]

@@ -97,6 +97,30 @@ def test_a_size_whose_screen_failed_is_not_kept(tmp_path):
     assert {e.dim for e in planned(tune_cfg, scores) if e.stage == FULL} == {16, 64}
 
 
+def test_the_configured_size_is_kept_when_the_screen_cannot_tell_it_from_the_best(tmp_path):
+    tune_cfg = _cfg(tmp_path, "tune.embedding_dims=[16,32,64,128]", "tune.keep=2").tune
+    rng = np.random.default_rng(0)
+    best = rng.random(2500) < 0.88
+    # 64-d differs from the best on 60 reviews, 32 against it and 28 for it: a paired interval
+    # holding no difference. 32-d is wrong wherever the best is and on 10% more: apart from it.
+    near = best.copy()
+    near[np.flatnonzero(best)[:32]] = False
+    near[np.flatnonzero(~best)[:28]] = True
+    apart = best & (rng.random(2500) > 0.1)
+    correct = {128: best, 64: near, 32: apart, 16: apart.copy()}
+    scores = {d: float(c.mean()) for d, c in correct.items()}
+    scores[16] = scores[64] + 0.001  # ranked second on its score alone
+
+    assert kept_sizes(tune_cfg, scores) == [16, 128]
+    assert kept_sizes(tune_cfg, scores, prefer=64, screen_correct=correct) == [64, 128]
+    assert {e.dim for e in planned(tune_cfg, scores, 64, correct) if e.stage == FULL} == {64, 128}
+    # A configured size apart from the best is not kept; nor without the per-review figures.
+    assert kept_sizes(tune_cfg, scores, prefer=32, screen_correct=correct) == [16, 128]
+    assert kept_sizes(tune_cfg, scores, prefer=64, screen_correct={}) == [16, 128]
+    # The configured size as the best: the next best is kept beside it, as before.
+    assert kept_sizes(tune_cfg, scores, prefer=128, screen_correct=correct) == [16, 128]
+
+
 def _full(scores: dict[int, list[float]]) -> list[dict]:
     return [{"embedding_dim": d, "stage": FULL, "execution": k, "val_accuracy": v}
             for d, vs in scores.items() for k, v in enumerate(vs)]
@@ -148,6 +172,12 @@ def test_the_opening_sentence_says_what_is_within_noise_what_is_worse_and_what_w
     assert text.endswith("; 32-d fell behind in the screen; 256-d ties the last kept size in the screen and "
                          "was dropped as the larger; 512-d failed in the screen. Picked 64-d as the smallest "
                          "size within one standard error of the best.")
+    # A size that gave way to the configured size in the screen is named as such, not as behind.
+    text = sentence(summaries, pick(summaries, "one_se"), "one_se", comparisons, dropped={32: 0.85},
+                    kept_floor=0.87, gave_way=([256], 128))
+    assert text.endswith("; in the screen, 256-d and the configured 128-d were both within noise of the "
+                         "best, and 256-d gave way to 128-d; 32-d fell behind in the screen. Picked 64-d as "
+                         "the smallest size within one standard error of the best.")
     # A lower mean whose paired interval holds no difference is not called worse; a best alone is the best.
     apart = summarize(_full({16: [0.80, 0.84], 64: [0.86, 0.87]}))
     text = sentence(apart, pick(apart, "one_se"), "best", {16: {"low": -0.05, "high": 0.002}})
