@@ -32,7 +32,8 @@ from pipeline.tune_pick import (
     sentence,
     summarize,
 )
-from pipeline.tuned import TuneError, apply_tuned
+from pipeline.tune_report import EXECUTIONS_DIR, _screen_rows
+from pipeline.tuned import TuneError, apply_tuned, output_dir
 from tests.helpers import StopAt, add_unlabelled, tiny_overrides, write_aclimdb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,16 +98,20 @@ def test_a_size_whose_screen_failed_is_not_kept(tmp_path):
     assert {e.dim for e in planned(tune_cfg, scores) if e.stage == FULL} == {16, 64}
 
 
-def test_the_configured_size_is_kept_when_the_screen_cannot_tell_it_from_the_best(tmp_path):
-    tune_cfg = _cfg(tmp_path, "tune.embedding_dims=[16,32,64,128]", "tune.keep=2").tune
+def _near_and_apart(n: int = 2500):
+    """A best screen, one that differs from it on 60 reviews both ways (within noise) and one
+    wrong on 10% more (apart)."""
     rng = np.random.default_rng(0)
-    best = rng.random(2500) < 0.88
-    # 64-d differs from the best on 60 reviews, 32 against it and 28 for it: a paired interval
-    # holding no difference. 32-d is wrong wherever the best is and on 10% more: apart from it.
+    best = rng.random(n) < 0.88
     near = best.copy()
     near[np.flatnonzero(best)[:32]] = False
     near[np.flatnonzero(~best)[:28]] = True
-    apart = best & (rng.random(2500) > 0.1)
+    return best, near, best & (rng.random(n) > 0.1)
+
+
+def test_the_configured_size_is_kept_when_the_screen_cannot_tell_it_from_the_best(tmp_path):
+    tune_cfg = _cfg(tmp_path, "tune.embedding_dims=[16,32,64,128]", "tune.keep=2").tune
+    best, near, apart = _near_and_apart()
     correct = {128: best, 64: near, 32: apart, 16: apart.copy()}
     scores = {d: float(c.mean()) for d, c in correct.items()}
     scores[16] = scores[64] + 0.001  # ranked second on its score alone
@@ -245,6 +250,37 @@ def test_the_oracle_hands_out_the_plan_and_a_reloaded_one_reruns_the_cut_off_exe
     assert rest == ["12d-full-0", "8d-full-1", "12d-full-1"]  # the cut-off one first, the same trial
     assert reloaded.create_trial("a").status == "STOPPED"
     assert sorted(t.status for t in reloaded.trials.values()) == ["COMPLETED"] * 7
+
+
+def _screen_files(cfg, correct: dict[int, np.ndarray]) -> None:
+    """Screen predictions as `tune.score_execution` writes them: right where `correct` says."""
+    folder = output_dir(cfg) / EXECUTIONS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.arange(len(next(iter(correct.values())))) % 2 == 0
+    for dim, right in correct.items():
+        np.savez(folder / f"{Execution(dim, 0, SCREEN).key}.npz", labels=labels,
+                 lstm=np.where(right == labels, 0.9, 0.1))
+
+
+def test_the_oracle_keeps_the_configured_size_the_screen_cannot_tell_from_the_best(tmp_path):
+    cfg = _cfg(tmp_path, "tune.embedding_dims=[4,8,12,16]", "tune.keep=2", "model.embedding_dim=12")
+    best, near, apart = _near_and_apart()
+    _screen_files(cfg, {4: apart, 8: best, 12: near, 16: best.copy()})
+
+    def score(ex):  # 16-d ranks second on its score alone
+        return {4: 0.6, 8: 0.8, 12: 0.74, 16: 0.75}[ex.dim]
+
+    oracle = tune.ExecutionOracle(cfg)
+    oracle._set_project_dir(str(tmp_path), "project")
+    ran = [_drive(oracle, "a", score).key for _ in range(6)]
+    assert ran[4:] == ["8d-full-0", "12d-full-0"]
+    assert _screen_rows(cfg, output_dir(cfg), [], {}, {}) == []  # no finished screens yet: no rows
+
+    records = [{"embedding_dim": d, "stage": SCREEN, "val_accuracy": score(Execution(d, 0, SCREEN))}
+               for d in (4, 8, 12, 16)]
+    rows = _screen_rows(cfg, output_dir(cfg), records, {}, {d: {} for d in (4, 8, 12, 16)})
+    assert [(r["embedding_dim"], r["kept"], r["preferred"], r["gave_way"]) for r in rows] == [
+        (4, False, False, False), (8, True, False, False), (12, True, True, False), (16, False, False, True)]
 
 
 # --- the hand-off ----------------------------------------------------------------------------------
