@@ -171,11 +171,11 @@ def points(x: float) -> str:
 
 def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
              comparisons: dict[int, dict], dropped: dict[int, float | None] | None = None,
-             kept_floor: float | None = None, gave_way: tuple[list[int], int] | None = None) -> str:
+             kept_floor: float | None = None, gave_way: tuple[list[int], int, int] | None = None) -> str:
     """The report's first line: which sizes are within noise of the best, which are worse and
     by how much, which the screen dropped (`dropped`: their screening scores, against the
     lowest one kept on its score, `kept_floor`; `gave_way`: sizes dropped for the configured
-    size, see `kept_sizes`), and what was picked by which rule."""
+    size and the screen's best, see `kept_sizes`), and what was picked by which rule."""
     best = best_of(summaries)
     within = [s.dim for s in summaries if s.mean >= best.mean - best.se]
     accuracy = f"{points(best.mean)} ± {points(best.se)}% BiLSTM validation accuracy"
@@ -197,9 +197,9 @@ def sentence(summaries: list[SizeSummary], chosen: SizeSummary, rule: str,
             parts.append(f"{s.dim}-d is lower {gap}, within noise review by review (paired 95% "
                          f"interval {points(c['low'])} to {points(c['high'])})")
     if gave_way:
-        given, preferred = gave_way
+        given, preferred, screen_best = gave_way
         parts.append(f"in the screen, {_dims(given)} and the configured {preferred}-d were both within "
-                     f"noise of the best, and {_dims(given)} gave way to {preferred}-d")
+                     f"noise of its best, {screen_best}-d, and {_dims(given)} gave way to {preferred}-d")
     parts += _screen_parts(dropped or {}, kept_floor)
     how = ("as the smallest size within one standard error of the best" if rule == "one_se"
            else "as the highest mean")

@@ -111,10 +111,12 @@ def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict]
     dropped = {r["embedding_dim"]: r[RANKED_BY] for r in screen if not r["kept"] and not r["gave_way"]}
     kept_floor = min((r[RANKED_BY] for r in screen if (r["kept"] and not r["preferred"]) or r["gave_way"]),
                      default=None)
-    gave_way = ([r["embedding_dim"] for r in screen if r["gave_way"]],
-                next((r["embedding_dim"] for r in screen if r["preferred"]), None))
-    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped, kept_floor,
-                       gave_way if gave_way[0] else None)
+    given, gave_way = [r["embedding_dim"] for r in screen if r["gave_way"]], None
+    if given:
+        preferred = next(r["embedding_dim"] for r in screen if r["preferred"])
+        screen_best = max(screen, key=lambda r: (r[RANKED_BY], -r["embedding_dim"]))["embedding_dim"]
+        gave_way = (given, preferred, screen_best)
+    opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped, kept_floor, gave_way)
 
     _plot(sizes, chosen.dim, out / "results.png")
     atomic.write_text(out / "results.md", _markdown(cfg, opening, sizes, screen, records, out, best_of_size))

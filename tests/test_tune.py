@@ -179,10 +179,10 @@ def test_the_opening_sentence_says_what_is_within_noise_what_is_worse_and_what_w
                          "size within one standard error of the best.")
     # A size that gave way to the configured size in the screen is named as such, not as behind.
     text = sentence(summaries, pick(summaries, "one_se"), "one_se", comparisons, dropped={32: 0.85},
-                    kept_floor=0.87, gave_way=([256], 128))
-    assert text.endswith("; in the screen, 256-d and the configured 128-d were both within noise of the "
-                         "best, and 256-d gave way to 128-d; 32-d fell behind in the screen. Picked 64-d as "
-                         "the smallest size within one standard error of the best.")
+                    kept_floor=0.87, gave_way=([256], 128, 64))
+    assert text.endswith("; in the screen, 256-d and the configured 128-d were both within noise of its "
+                         "best, 64-d, and 256-d gave way to 128-d; 32-d fell behind in the screen. Picked "
+                         "64-d as the smallest size within one standard error of the best.")
     # A lower mean whose paired interval holds no difference is not called worse; a best alone is the best.
     apart = summarize(_full({16: [0.80, 0.84], 64: [0.86, 0.87]}))
     text = sentence(apart, pick(apart, "one_se"), "best", {16: {"low": -0.05, "high": 0.002}})
