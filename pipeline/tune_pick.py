@@ -52,6 +52,13 @@ def screens(tune: TuneConfig) -> bool:
     return tune.screen_epochs is not None and tune.keep < len(tune.embedding_dims)
 
 
+def screen_ranking(screen_scores: dict[int, float | None]) -> list[int]:
+    """The screened sizes, best first (None: the screen failed, never ranked); a tie goes to the
+    smaller size."""
+    scored = [d for d, s in screen_scores.items() if s is not None]
+    return sorted(scored, key=lambda d: (-screen_scores[d], d))
+
+
 def kept_sizes(tune: TuneConfig, screen_scores: dict[int, float | None], prefer: int | None = None,
                screen_correct: dict[int, np.ndarray] | None = None) -> list[int]:
     """The `tune.keep` sizes with the best screening score (None: the screen failed, never kept);
@@ -64,8 +71,7 @@ def kept_sizes(tune: TuneConfig, screen_scores: dict[int, float | None], prefer:
     puts the comparison users ask for, pick against default, into the full stage, and saves a
     full training when `make train` has run.
     """
-    scored = [d for d, s in screen_scores.items() if s is not None]
-    ranked = sorted(scored, key=lambda d: (-screen_scores[d], d))
+    ranked = screen_ranking(screen_scores)
     if prefer in ranked[1:] and screen_correct and {ranked[0], prefer} <= screen_correct.keys():
         versus = compare({d: [screen_correct[d]] for d in (ranked[0], prefer)}, ranked[0])[prefer]
         if versus["high"] >= 0:

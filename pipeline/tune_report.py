@@ -34,6 +34,7 @@ from pipeline.tune_pick import (
     kept_sizes,
     pick,
     points,
+    screen_ranking,
     screens,
     sentence,
     summarize,
@@ -114,7 +115,7 @@ def write_report(cfg: Config, out: Path, session: list[dict], failed: list[dict]
     given, gave_way = [r["embedding_dim"] for r in screen if r["gave_way"]], None
     if given:
         preferred = next(r["embedding_dim"] for r in screen if r["preferred"])
-        screen_best = max(screen, key=lambda r: (r[RANKED_BY], -r["embedding_dim"]))["embedding_dim"]
+        screen_best = screen_ranking({r["embedding_dim"]: r[RANKED_BY] for r in screen})[0]
         gave_way = (given, preferred, screen_best)
     opening = sentence(summaries, chosen, cfg.tune.pick, comparisons, dropped, kept_floor, gave_way)
 
