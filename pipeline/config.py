@@ -132,7 +132,9 @@ class DistributeConfig(_Section):
     # auto: mirrored over the visible GPUs, else default; multi_worker reads TF_CONFIG (docs/distributed.md)
     strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker"] = "auto"
     devices: list[str] | None = None  # e.g. ["/gpu:0", "/gpu:1"]; None = all visible
-    mixed_precision: bool = False  # mixed_float16; worth it on GPUs only
+    # Compute in 16 bits, variables in float32: true (float16) for GPUs' tensor cores, bfloat16
+    # for CPUs that multiply it natively (AMX, AVX512_BF16); evaluated and served in float32
+    mixed_precision: bool | Literal["bfloat16"] = False
 
 
 class ExportConfig(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,12 +51,25 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
         strategy = tf.distribute.OneDeviceStrategy(device)
     elif name == "mirrored":
         strategy = tf.distribute.MirroredStrategy(cfg.devices)
-    if cfg.mixed_precision:
+    if cfg.mixed_precision == "bfloat16":
+        if not native_bfloat16():
+            log.warning("distribute.mixed_precision is bfloat16 on a CPU without bfloat16 "
+                        "instructions (AMX, AVX512_BF16): slower, not faster")
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    elif cfg.mixed_precision:
         if not gpus:
             log.warning("distribute.mixed_precision is on without a GPU: float16 on CPU is slow, "
                         "not faster")
         keras.mixed_precision.set_global_policy("mixed_float16")
     return strategy
+
+
+def native_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware, as Linux lists its flags."""
+    try:
+        return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo.read_text()))
+    except OSError:  # not Linux
+        return False
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
@@ -68,7 +82,8 @@ def describe(strategy: tf.distribute.Strategy) -> str:
     where = f"{gpus} GPU{'s' * (gpus > 1)}" if gpus else "CPU"
     replicas = strategy.num_replicas_in_sync
     name = "" if default else f", {strategy_name(strategy)}"
-    precision = ", mixed_float16" if keras.mixed_precision.global_policy().name == "mixed_float16" else ""
+    policy = keras.mixed_precision.global_policy().name
+    precision = f", {policy}" if policy.startswith("mixed_") else ""
     return f"{where}{name}, {replicas} replica{'s' * (replicas > 1)}{precision}"
 
 

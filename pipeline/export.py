@@ -41,7 +41,7 @@ from pipeline.config import Config
 from pipeline.constants import INPUT_NAME, LABEL_NAME, LABELS, OUTPUT_NAME, SIGNATURE, THRESHOLD
 from pipeline.errors import ExportError
 from pipeline.gate import GateRefused, GateRows, gate, refusal
-from pipeline.model import build_model, logit_fn, model_kwargs
+from pipeline.model import float32_model, logit_fn
 from pipeline.ngrams import NgramModel
 from pipeline.run_files import load_run
 from pipeline.runs import EXPORT_FILE, RUN_FILE, read_json
@@ -100,16 +100,9 @@ def serving_archive(vectorizer: keras.layers.TextVectorization, model: keras.Mod
                     cfg: Config, ngram: NgramModel | None = None,
                     labels: tuple[str, str] = LABELS) -> keras.export.ExportArchive:
     # A cuDNN-free, float32 copy: a graph traced on a GPU would otherwise hold CudnnRNN ops
-    # that a CPU-only server cannot run, and a mixed-precision model would compute in
-    # float16, which CPUs run slowly. Its variables are float32 either way.
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        serve_model = build_model(vectorizer.vocabulary_size(), **model_kwargs(cfg.model),
-                                  use_cudnn=False)
-    finally:
-        keras.config.set_dtype_policy(policy)
-    serve_model.set_weights(model.get_weights())
+    # that a CPU-only server cannot run, and a mixed-precision model would compute in 16 bits,
+    # which most CPUs run slowly.
+    serve_model = float32_model(model, cfg.model, use_cudnn=False)
     max_length = cfg.vectorize.max_length
     lstm_logit = logit_fn(serve_model)
 

@@ -12,7 +12,8 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import keras
@@ -264,6 +265,27 @@ def fit_verbosity(verbose: int | None) -> int:
     if verbose is not None:
         return verbose
     return 1 if sys.stdout.isatty() else 2
+
+
+@contextmanager
+def float32_policy() -> Iterator[None]:
+    """Build layers in float32 whatever the global (mixed-precision) policy is."""
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def float32_model(model: keras.Model, cfg: ModelConfig, use_cudnn: bool | str = "auto") -> keras.Model:
+    """A float32 copy of a trained model: what is scored and served after mixed precision
+    (16-bit compute differs from float32 in the third digit; the variables are float32)."""
+    with float32_policy():
+        copy = build_model(model.get_layer("embedding").input_dim, **model_kwargs(cfg),
+                           use_cudnn=use_cudnn)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def load_weights(model: keras.Model, path: Path) -> None:

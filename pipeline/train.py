@@ -59,6 +59,7 @@ from pipeline.fingerprint import run_fingerprint
 from pipeline.gate import GateRefused, GateRows
 from pipeline.model import (
     build_model,
+    float32_model,
     fit_verbosity,
     load_weights,
     model_kwargs,
@@ -211,6 +212,8 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
             log.info("%s finished training; the chief writes the run", task_name())
             return RunResult(run.dir, {}, None, chief=False)
         keep_best_weights(model, run)
+        if model.compute_dtype != "float32":  # 16-bit compute trained it; float32 serves it
+            model = float32_model(model, cfg.model)
         write_projector(model.get_layer("embedding").get_weights()[0], vocabulary,
                         run.dir / "tensorboard" / "embedding")
         run.update(fit_seconds_this_session=round(time.time() - t_fit, 1))

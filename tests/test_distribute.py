@@ -11,6 +11,8 @@ import keras
 import pytest
 import tensorflow as tf
 
+import pipeline.distribute
+
 from pipeline.cli import main
 from pipeline.config import DistributeConfig, load_config
 from pipeline.data import data_identity
@@ -18,6 +20,7 @@ from pipeline.distribute import (
     free_ports,
     is_chief,
     make_strategy,
+    native_bfloat16,
     run_local_workers,
     task_name,
     tf_config,
@@ -98,6 +101,44 @@ def test_mixed_precision_warns_on_cpu_and_keeps_a_float32_output(caplog):
         assert out.dtype == tf.float32 and model.output.dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")  # the policy is global: never leak it
+
+
+def test_bfloat16_counts_as_native_only_where_the_cpu_lists_it(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert native_bfloat16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f amx_bf16x\n")  # a longer name is not it
+    assert not native_bfloat16(cpuinfo)
+    assert not native_bfloat16(tmp_path / "absent")  # not Linux
+
+
+def test_bfloat16_mixed_precision_warns_without_the_instructions(monkeypatch, caplog):
+    monkeypatch.setattr(pipeline.distribute, "native_bfloat16", lambda: False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.distribute"):
+            make_strategy(DistributeConfig(strategy="default", mixed_precision="bfloat16"))
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert "without bfloat16 instructions" in caplog.text
+        model = build_model(20, embedding_dim=8, lstm_units=4)
+        assert model.get_layer("embedding").compute_dtype == "bfloat16"
+        assert model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["distribute.mixed_precision=float16"])  # true is float16
+
+
+@pytest.mark.slow
+def test_a_run_trained_in_bfloat16_is_scored_and_exported_in_float32(imdb_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(imdb_dir, tmp_path) + ["distribute.mixed_precision=bfloat16"])
+    try:
+        result = train(cfg)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    # The export check compares the served float32 graph with the model that was scored at
+    # export.verify_tolerance (1e-5); a bfloat16 model differs by far more.
+    assert result.export is not None and result.export.max_abs_diff <= cfg.export.verify_tolerance
+    assert result.metrics["accuracy"] >= 0.8  # the tiny reviews stay separable
 
 
 def test_worker_scratch_dirs_are_neither_resumed_nor_finished_runs(tiny_cfg, monkeypatch):

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 import pipeline.export
+import pipeline.model
 from pipeline.cli import main
 from pipeline.config import ModelConfig, load_config
 from pipeline.export import export_model, serving_archive
@@ -170,7 +171,7 @@ def test_the_check_sees_cudnn_in_an_export_that_kept_it(tmp_path, monkeypatch):
     def keeps_cudnn(*args, use_cudnn="auto", **kwargs):
         return build_model(*args, **kwargs)  # the regression: use_cudnn=False dropped
 
-    monkeypatch.setattr(pipeline.export, "build_model", keeps_cudnn)
+    monkeypatch.setattr(pipeline.model, "build_model", keeps_cudnn)
     with simulated_gpu():
         serving_archive(vectorizer, model, cfg).write_out(str(tmp_path / "export"), verbose=False)
     assert "CudnnRNNV3" in cudnn_ops(saved_model_op_types(tmp_path / "export"))

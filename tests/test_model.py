@@ -144,3 +144,27 @@ def test_an_adversarial_step_learns_from_the_clean_and_the_perturbed_review():
     assert float(perturbed) > float(clean)  # r points uphill
     loss = model.train_on_batch(x, y, return_dict=True)["loss"]  # from before the update
     assert loss == pytest.approx(float(clean) + float(perturbed), rel=1e-4)
+
+
+def test_a_float32_copy_of_a_bfloat16_model_computes_what_float32_serving_does():
+    import keras
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import float32_model
+
+    cfg = ModelConfig(embedding_dim=8, lstm_units=4, pooling="max", embedding_init="random")
+    kwargs = dict(embedding_dim=8, lstm_units=4, pooling="max", bidirectional=cfg.bidirectional)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        mixed = build_model(30, **kwargs)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    x = np.array([[3, 4, 5, 6, 7, 8], [9, 10, 11, 0, 0, 0], [12, 13, 0, 0, 0, 0]])
+    mixed.train_on_batch(x, np.array([1, 0, 1]))
+    copy = float32_model(mixed, cfg)
+    assert copy.get_layer("embedding").compute_dtype == "float32"
+    reference = build_model(30, **kwargs)  # float32 from the start, the same weights
+    reference.set_weights(mixed.get_weights())
+    np.testing.assert_allclose(copy.predict(x, verbose=0), reference.predict(x, verbose=0), atol=1e-6)
+    # bfloat16 keeps about three digits: the copy is not the mixed model in disguise
+    assert np.abs(copy.predict(x, verbose=0) - mixed.predict(x, verbose=0)).max() > 1e-6
