@@ -85,7 +85,8 @@ class NgramLogit(keras.layers.Layer):
     """Raw review strings [batch] -> the n-gram regression's logit [batch]."""
 
     def __init__(self, vocabulary: list[str], order: int, **kwargs):
-        super().__init__(trainable=False, **kwargs)
+        # float32 whatever the global policy: a regression's weights, not a mixed-precision layer
+        super().__init__(trainable=False, dtype="float32", **kwargs)
         self.order = order
         self.counter = keras.layers.TextVectorization(
             standardize=standardize, ngrams=order, output_mode="count", sparse=True,

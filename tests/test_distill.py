@@ -57,6 +57,20 @@ def test_teacher_and_student_never_see_validation_or_test_text(unsup_dir, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_distilled_run_trained_in_bfloat16_is_scored_and_exported_in_float32(unsup_dir, tmp_path):
+    """The n-gram teacher and branch score in float32 under a mixed policy, and the export check
+    compares the served graph with the float32 model that was scored, at the float32 tolerance."""
+    cfg = _cfg(unsup_dir, tmp_path, "train.epochs=2", "ngrams.enabled=true", "ngrams.cotrain=true",
+               "distribute.mixed_precision=bfloat16")
+    try:
+        result = train(cfg)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # the policy is global: never leak it
+    assert result.export is not None and result.export.max_abs_diff <= cfg.export.verify_tolerance
+    assert result.metrics["accuracy"] >= 0.8  # the tiny reviews stay separable
+
+
+@pytest.mark.slow
 def test_a_cotrained_branch_fits_the_unlabelled_reviews_on_the_bilstms_probabilities(
         unsup_dir, tmp_path, monkeypatch):
     from pipeline.run_files import load_run
