@@ -133,8 +133,9 @@ class DistributeConfig(_Section):
     strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker"] = "auto"
     devices: list[str] | None = None  # e.g. ["/gpu:0", "/gpu:1"]; None = all visible
     # Compute in 16 bits, variables in float32: true (float16) for GPUs' tensor cores, bfloat16
-    # for CPUs that multiply it natively (AMX, AVX512_BF16); evaluated and served in float32
-    mixed_precision: bool | Literal["bfloat16"] = False
+    # for CPUs that multiply it natively (AMX, AVX512_BF16), auto: bfloat16 on such a CPU without
+    # GPUs, else float32. Evaluated and served in float32 (docs/distributed.md)
+    mixed_precision: bool | Literal["bfloat16", "auto"] = False
 
 
 class ExportConfig(_Section):

@@ -51,12 +51,15 @@ def make_strategy(cfg: DistributeConfig) -> tf.distribute.Strategy:
         strategy = tf.distribute.OneDeviceStrategy(device)
     elif name == "mirrored":
         strategy = tf.distribute.MirroredStrategy(cfg.devices)
-    if cfg.mixed_precision == "bfloat16":
+    precision = cfg.mixed_precision
+    if precision == "auto":  # bfloat16 where the CPU computes it natively; GPUs ask with true
+        precision = "bfloat16" if not gpus and native_bfloat16() else False
+    if precision == "bfloat16":
         if not native_bfloat16():
             log.warning("distribute.mixed_precision is bfloat16 on a CPU without bfloat16 "
                         "instructions (AMX, AVX512_BF16): slower, not faster")
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    elif cfg.mixed_precision:
+    elif precision:
         if not gpus:
             log.warning("distribute.mixed_precision is on without a GPU: float16 on CPU is slow, "
                         "not faster")

@@ -160,6 +160,7 @@ def train(cfg: Config, fresh: bool = False, export: bool = True,
         run.update(hyperparameters_from=provenance or {"source": "config"}, data_sizes=sizes,
                    labels=list(raw.labels),  # [label 0, label 1 (positive)]: export and predict name them
                    strategy=strategy_name(strategy), replicas=strategy.num_replicas_in_sync,
+                   precision=keras.mixed_precision.global_policy().name,
                    workers=num_workers() if multi_worker else 1)
 
         # Vectorize: the vocabulary is adapted once per run and reloaded on a resume.

@@ -68,6 +68,7 @@ def test_a_distilled_run_trained_in_bfloat16_is_scored_and_exported_in_float32(u
         keras.mixed_precision.set_global_policy("float32")  # the policy is global: never leak it
     assert result.export is not None and result.export.max_abs_diff <= cfg.export.verify_tolerance
     assert result.metrics["accuracy"] >= 0.8  # the tiny reviews stay separable
+    assert json.loads((result.run_dir / "run.json").read_text())["precision"] == "mixed_bfloat16"
 
 
 @pytest.mark.slow

@@ -128,6 +128,16 @@ def test_bfloat16_mixed_precision_warns_without_the_instructions(monkeypatch, ca
         load_config(None, ["distribute.mixed_precision=float16"])  # true is float16
 
 
+@pytest.mark.parametrize("native,policy", [(True, "mixed_bfloat16"), (False, "float32")])
+def test_auto_precision_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch, native, policy):
+    monkeypatch.setattr(pipeline.distribute, "native_bfloat16", lambda: native)
+    try:
+        make_strategy(DistributeConfig(strategy="default", mixed_precision="auto"))
+        assert keras.mixed_precision.global_policy().name == policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_worker_scratch_dirs_are_neither_resumed_nor_finished_runs(tiny_cfg, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps(
         {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
